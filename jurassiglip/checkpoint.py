@@ -1,0 +1,95 @@
+"""Checkpoints that carry their own config, written atomically.
+
+A checkpoint file holds the model spec (see model/build.py), the model's
+state_dict, the tokenizer's files (so the tiny word tokenizer travels with
+the weights), and, for `latest.pt`, the training state needed to resume:
+optimizer, epoch, early-stopping counters, the loss history and a
+fingerprint of the inputs, so a resume with changed params starts over
+instead of silently continuing someone else's run.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jurassiglip import atomic
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, naming the file."""
+
+
+def save(path: Path, payload: dict[str, Any]) -> None:
+    """torch.save through a temporary file + fsync + rename."""
+    atomic.write_with(path, lambda tmp: torch.save({"format": FORMAT, **payload}, tmp))
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint; a missing, truncated or foreign file raises CheckpointError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # truncated zip, pickle garbage, ...
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "spec" not in payload:
+        raise CheckpointError(f"{path}: not a jurassiglip checkpoint (format {FORMAT} with a model spec)")
+    return payload
+
+
+def tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
+    """The tokenizer as {file name: bytes}, to embed in a checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+
+def restore_tokenizer(files: dict[str, bytes]) -> Any:
+    """Rebuild a transformers tokenizer from embedded files."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, blob in files.items():
+            (Path(tmp) / name).write_bytes(blob)
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+@dataclass
+class TrainState:
+    """What `latest.pt` restores besides the weights."""
+
+    epoch: int                  # epochs completed
+    best_val: float
+    best_epoch: int
+    bad_epochs: int             # epochs since the last improvement (early stopping)
+    history: list[dict[str, float]]
+
+
+def load_latest(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The resumable state in `path` if it exists, is readable and matches `fingerprint`.
+
+    A corrupt file or one from other params is reported and ignored (the run
+    starts over); it is never half-used.
+    """
+    if not path.exists():
+        return None
+    try:
+        payload = load(path)
+    except CheckpointError as err:
+        log.warning("%s; starting over", err)
+        return None
+    if payload.get("fingerprint") != fingerprint:
+        log.info("%s belongs to other params or inputs; starting over", path)
+        return None
+    return payload

@@ -1,0 +1,407 @@
+"""Typed configuration: the one reader of params.yaml.
+
+Every dataclass below mirrors one section of params.yaml, field for field, so
+`lora.r` in YAML is `params.lora.r` in code, in MLflow and on the
+`dvc exp run -S lora.r=16` line. Defaults live in params.yaml only: no field
+here has one, so a missing key fails at load time. Unknown keys, wrong types
+and values out of range fail too, before any work, with the dotted key and
+the offending value in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A params.yaml problem, always naming the dotted key and the value."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["synthetic", "grefcoco"]
+    grefs_path: str
+    instances_path: str
+    images_dir: str
+    splits: list[str]
+    train_split: str
+    val_split: str
+    max_refs_per_split: int
+    drop_no_target: bool
+    on_bad_image: Literal["fail", "skip"]
+
+    def validate(self, key: str) -> None:
+        _require(len(self.splits) > 0, f"{key}.splits", self.splits, "must name at least one split")
+        _require(len(set(self.splits)) == len(self.splits), f"{key}.splits", self.splits, "has duplicates")
+        for name in ("train_split", "val_split"):
+            value = getattr(self, name)
+            _require(value in self.splits, f"{key}.{name}", value, f"must be one of {key}.splits {self.splits}")
+        _require(self.max_refs_per_split >= 0, f"{key}.max_refs_per_split", self.max_refs_per_split, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    seed: int
+    n_images: dict[str, int]
+    min_objects: int
+    max_objects: int
+    min_side: int
+    max_side: int
+    refs_per_image: int
+    no_target_share: float
+    novel_combos: list[str]
+    rle_share: float
+
+    def validate(self, key: str) -> None:
+        for split, n in self.n_images.items():
+            _require(n > 0, f"{key}.n_images.{split}", n, "must be > 0")
+        _require(1 <= self.min_objects <= self.max_objects, f"{key}.min_objects", self.min_objects,
+                 f"must be between 1 and max_objects ({self.max_objects})")
+        _require(self.max_objects <= 8, f"{key}.max_objects", self.max_objects, "must be <= 8")
+        _require(32 <= self.min_side <= self.max_side, f"{key}.min_side", self.min_side,
+                 f"must be between 32 and max_side ({self.max_side})")
+        _require(self.refs_per_image > 0, f"{key}.refs_per_image", self.refs_per_image, "must be > 0")
+        _require(0.0 <= self.no_target_share < 1.0, f"{key}.no_target_share", self.no_target_share, "must be in [0, 1)")
+        _require(0.0 <= self.rle_share <= 1.0, f"{key}.rle_share", self.rle_share, "must be in [0, 1]")
+        for combo in self.novel_combos:
+            _require(len(combo.split()) == 2, f"{key}.novel_combos", combo, "must be '<colour> <shape>'")
+
+
+@dataclass(frozen=True)
+class TinyPreset:
+    image_size: int
+    patch_size: int
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    vision_mlp: int
+    register_tokens: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_mlp: int
+    text_max_len: int
+    shared_dim: int
+    fusion_inner_dim: int
+    fusion_heads: int
+    head_hidden: int
+
+    def validate(self, key: str) -> None:
+        for name in ("image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "vision_mlp",
+                     "text_hidden", "text_layers", "text_heads", "text_mlp", "text_max_len", "shared_dim",
+                     "fusion_inner_dim", "fusion_heads", "head_hidden"):
+            _require(getattr(self, name) > 0, f"{key}.{name}", getattr(self, name), "must be > 0")
+        _require(self.register_tokens >= 0, f"{key}.register_tokens", self.register_tokens, "must be >= 0")
+        _require(self.image_size % self.patch_size == 0, f"{key}.image_size", self.image_size,
+                 f"must be divisible by {key}.patch_size ({self.patch_size})")
+        _require(self.vision_hidden % self.vision_heads == 0, f"{key}.vision_hidden", self.vision_hidden,
+                 f"must be divisible by {key}.vision_heads ({self.vision_heads})")
+        _require(self.text_hidden % self.text_heads == 0, f"{key}.text_hidden", self.text_hidden,
+                 f"must be divisible by {key}.text_heads ({self.text_heads})")
+        _require(self.shared_dim == self.vision_hidden, f"{key}.shared_dim", self.shared_dim,
+                 f"must equal {key}.vision_hidden ({self.vision_hidden}): patch tokens are the fusion queries")
+        _check_fusion(self, key)
+
+
+@dataclass(frozen=True)
+class RealPreset:
+    image_size: int
+    vision_name: str
+    text_name: str
+    text_max_len: int
+    shared_dim: int
+    fusion_inner_dim: int
+    fusion_heads: int
+    head_hidden: int
+
+    def validate(self, key: str) -> None:
+        for name in ("image_size", "text_max_len", "shared_dim", "fusion_inner_dim", "fusion_heads", "head_hidden"):
+            _require(getattr(self, name) > 0, f"{key}.{name}", getattr(self, name), "must be > 0")
+        _require(self.image_size % 16 == 0, f"{key}.image_size", self.image_size,
+                 "must be divisible by the DINOv3 patch size 16")
+        _check_fusion(self, key)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: Literal["tiny", "real"]
+    image_mean: list[float]
+    image_std: list[float]
+    tiny: TinyPreset
+    real: RealPreset
+
+    @property
+    def arch(self) -> TinyPreset | RealPreset:
+        """The active preset: the block named by `model.preset`."""
+        return self.tiny if self.preset == "tiny" else self.real
+
+    def validate(self, key: str) -> None:
+        for name in ("image_mean", "image_std"):
+            _require(len(getattr(self, name)) == 3, f"{key}.{name}", getattr(self, name), "must hold 3 numbers (RGB)")
+        _require(all(s > 0 for s in self.image_std), f"{key}.image_std", self.image_std, "must be > 0")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int
+    alpha: float
+    dropout: float
+    targets: list[str]
+
+    def validate(self, key: str) -> None:
+        _require(self.r > 0, f"{key}.r", self.r, "must be > 0")
+        _require(self.alpha > 0, f"{key}.alpha", self.alpha, "must be > 0")
+        _require(0.0 <= self.dropout < 1.0, f"{key}.dropout", self.dropout, "must be in [0, 1)")
+        _require(len(self.targets) > 0, f"{key}.targets", self.targets, "must name at least one module")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    patience: int
+    loss: Literal["clip", "sigmoid"]
+    logit_scale_init: float
+    logit_scale_max: float
+    max_val_batches: int
+    log_every: int
+    num_workers: int
+
+    def validate(self, key: str) -> None:
+        _check_training(self, key)
+        _require(self.batch_size >= 2, f"{key}.batch_size", self.batch_size, "must be >= 2 (contrastive negatives)")
+        _require(0.0 <= self.logit_scale_init <= self.logit_scale_max, f"{key}.logit_scale_init",
+                 self.logit_scale_init, f"must be in [0, {key}.logit_scale_max ({self.logit_scale_max})]")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    patience: int
+    dice_weight: float
+    focal_weight: float
+    focal_alpha: float
+    focal_gamma: float
+    cache_features: bool
+    max_val_batches: int
+    log_every: int
+    num_workers: int
+
+    def validate(self, key: str) -> None:
+        _check_training(self, key)
+        _require(self.dice_weight >= 0 and self.focal_weight >= 0, f"{key}.dice_weight",
+                 (self.dice_weight, self.focal_weight), "and focal_weight must be >= 0")
+        _require(self.dice_weight + self.focal_weight > 0, f"{key}.dice_weight", self.dice_weight,
+                 "and focal_weight cannot both be 0")
+        _require(0.0 <= self.focal_alpha <= 1.0, f"{key}.focal_alpha", self.focal_alpha, "must be in [0, 1]")
+        _require(self.focal_gamma >= 0, f"{key}.focal_gamma", self.focal_gamma, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    splits: list[str]
+    resolution: str | int
+    mask_threshold: float
+    no_target_rule: Literal["area"]
+    no_target_min_area: float
+    batch_size: int
+
+    def validate(self, key: str) -> None:
+        _require(len(self.splits) > 0, f"{key}.splits", self.splits, "must name at least one split")
+        if isinstance(self.resolution, str):
+            _require(self.resolution == "original", f"{key}.resolution", self.resolution,
+                     "must be 'original' or a positive integer")
+        else:
+            _require(self.resolution > 0, f"{key}.resolution", self.resolution, "must be > 0")
+        _require(0.0 < self.mask_threshold < 1.0, f"{key}.mask_threshold", self.mask_threshold, "must be in (0, 1)")
+        _require(0.0 <= self.no_target_min_area < 1.0, f"{key}.no_target_min_area", self.no_target_min_area,
+                 "must be in [0, 1)")
+        _require(self.batch_size > 0, f"{key}.batch_size", self.batch_size, "must be > 0")
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    split: str
+    n_images: int
+    max_captions: int
+
+    def validate(self, key: str) -> None:
+        _require(self.n_images > 0, f"{key}.n_images", self.n_images, "must be > 0")
+        _require(self.max_captions > 0, f"{key}.max_captions", self.max_captions, "must be > 0")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str
+
+    def validate(self, key: str) -> None:
+        _require(bool(self.experiment.strip()), f"{key}.experiment", self.experiment, "must not be empty")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    data: DataConfig
+    synthetic: SyntheticConfig
+    model: ModelConfig
+    lora: LoraConfig
+    pretrain: PretrainConfig
+    finetune: FinetuneConfig
+    evaluate: EvaluateConfig
+    render: RenderConfig
+    tracking: TrackingConfig
+
+    def validate(self, key: str = "") -> None:
+        """Cross-section checks; each section checked its own fields already."""
+        for split in self.evaluate.splits:
+            _require(split in self.data.splits, "evaluate.splits", split, f"is not built (data.splits {self.data.splits})")
+        _require(self.render.split in self.data.splits, "render.split", self.render.split,
+                 f"is not built (data.splits {self.data.splits})")
+        if self.data.source == "synthetic":
+            for split in self.data.splits:
+                _require(split in self.synthetic.n_images, "data.splits", split,
+                         f"has no size in synthetic.n_images {sorted(self.synthetic.n_images)}")
+        if self.data.source == "grefcoco":
+            for name in ("grefs_path", "instances_path", "images_dir"):
+                path = Path(getattr(self.data, name))
+                _require(path.exists(), f"data.{name}", str(path), "does not exist (data.source is grefcoco)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read, type-check and validate params.yaml. Raises ConfigError."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    try:
+        return params_from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def params_from_dict(raw: Any) -> Params:
+    """Build and validate Params from a plain dict (as parsed from YAML)."""
+    params = _build(Params, raw, "")
+    params.validate()
+    return params
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'lora': {'r': 8}} -> {'lora.r': 8}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+# -- internals ---------------------------------------------------------------
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} {why}")
+
+
+def _check_fusion(arch: TinyPreset | RealPreset, key: str) -> None:
+    _require(arch.fusion_inner_dim % arch.fusion_heads == 0, f"{key}.fusion_inner_dim", arch.fusion_inner_dim,
+             f"must be divisible by {key}.fusion_heads ({arch.fusion_heads})")
+
+
+def _check_training(section: Any, key: str) -> None:
+    for name in ("epochs", "batch_size", "log_every"):
+        _require(getattr(section, name) > 0, f"{key}.{name}", getattr(section, name), "must be > 0")
+    _require(section.lr > 0, f"{key}.lr", section.lr, "must be > 0")
+    _require(section.weight_decay >= 0, f"{key}.weight_decay", section.weight_decay, "must be >= 0")
+    _require(section.patience > 0, f"{key}.patience", section.patience, "must be > 0")
+    _require(section.max_val_batches >= 0, f"{key}.max_val_batches", section.max_val_batches, "must be >= 0")
+    _require(section.num_workers >= 0, f"{key}.num_workers", section.num_workers, "must be >= 0")
+
+
+def _build(cls: type, raw: Any, key: str) -> Any:
+    where = key or "params"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} = {raw!r} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"{_join(key, unknown[0])}: unknown key (known: {', '.join(names)})")
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise ConfigError(f"{_join(key, missing[0])}: missing key")
+    values = {n: _coerce(hints[n], raw[n], _join(key, n)) for n in names}
+    obj = cls(**values)
+    if hasattr(obj, "validate") and cls is not Params:
+        obj.validate(key)
+    return obj
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{key} = {value!r} must be one of {list(typing.get_args(hint))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} = {value!r} has the wrong type (expected {hint})")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} = {value!r} must be a list")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r} must be a mapping")
+        _, item = typing.get_args(hint)
+        return {str(k): _coerce(item, v, f"{key}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r} must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r} must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r} must be a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r} must be a string")
+        return value
+    raise TypeError(f"config.py: unsupported type {hint} for {key}")

@@ -1,0 +1,121 @@
+"""Scoring a trained model on a split, with two baselines that show the text matters.
+
+For every sample of a split the model's mask and no-target verdict are
+compared with the ground truth at the evaluation resolution (the image's
+own size, as LAVT/CRIS score, or a square size such as 480, as the GRES
+evaluator does); logits are upsampled, never binarised masks. In the same
+pass two baselines are scored:
+
+- shuffled text: the same model with the captions permuted among the
+  split's samples (a model that ignores the text loses nothing here);
+- text-blind union: the union of all annotated objects of the image, never
+  no-target (what a model that only finds "objects" would get).
+
+The result is a per-sample table (one row per caption) and the metrics
+computed from it (metrics.py does the arithmetic).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from jurassiglip import metrics
+from jurassiglip.data.manifest import Manifest
+from jurassiglip.data.masks import resize_mask
+from jurassiglip.predict import Predictor, upsample_probabilities
+
+log = logging.getLogger(__name__)
+
+TABLE_COLUMNS = ["sample_id", "ref_id", "sent_id", "image_id", "split", "sentence", "kind", "novel",
+                 "gt_nt", "pred_nt", "I", "U", "IoU", "area",
+                 "shuffled_pred_nt", "shuffled_I", "shuffled_U", "shuffled_IoU",
+                 "union_I", "union_U", "union_IoU"]
+
+
+def evaluate_split(predictor: Predictor, manifest: Manifest, split: str, *, resolution: str | int,
+                   images_per_batch: int, seed: int) -> pd.DataFrame:
+    """Per-sample results of the model and both baselines on one split.
+
+    Args:
+        resolution: "original" or a square size in pixels.
+        images_per_batch: images encoded per vision pass (their captions follow).
+        seed: permutation of the shuffled-text baseline.
+    """
+    rows = manifest.split(split)
+    sample_ids = rows["sample_id"].to_numpy()
+    captions = rows["sentence"].tolist()
+    rng = np.random.default_rng(seed)
+    shuffled = dict(zip(sample_ids.tolist(), [captions[j] for j in rng.permutation(len(captions))]))
+    by_image = rows.groupby("image_index", sort=True)["sample_id"].apply(list)
+    image_indices = by_image.index.to_numpy()
+    records: list[dict] = []
+    for start in tqdm(range(0, len(image_indices), images_per_batch), desc=f"evaluate {split}", leave=False,
+                      disable=None):
+        chunk = image_indices[start:start + images_per_batch]
+        patches = predictor.encode_images(manifest.images[chunk])  # (n_img, N, D)
+        ids = [sid for idx in chunk for sid in by_image[idx]]
+        owner = torch.tensor([i for i, idx in enumerate(chunk) for _ in by_image[idx]], device=patches.device)
+        for variant, texts in (("model", [manifest.samples.at[s, "sentence"] for s in ids]),
+                               ("shuffled", [shuffled[s] for s in ids])):
+            tokens, mask = predictor.encode_texts(texts)
+            logits = predictor.logits(patches[owner], tokens, mask)  # (n, 1, S, S)
+            _score(predictor, manifest, ids, logits, resolution, variant, records)
+    table = pd.DataFrame.from_records(records)
+    table = table.groupby("sample_id", sort=True).first().reset_index()
+    meta = manifest.samples.loc[table["sample_id"], ["ref_id", "sent_id", "image_id", "split", "sentence", "kind",
+                                                     "novel"]].reset_index(drop=True)
+    table = pd.concat([table, meta], axis=1)
+    return table[TABLE_COLUMNS]
+
+
+def _score(predictor: Predictor, manifest: Manifest, ids: list[int], logits: torch.Tensor, resolution: str | int,
+           variant: str, records: list[dict]) -> None:
+    for k, sample_id in enumerate(ids):
+        row = manifest.samples.iloc[sample_id]
+        gt = _at_resolution(manifest.original_target(sample_id), resolution)
+        size = gt.shape
+        prob = upsample_probabilities(logits[k:k + 1], size)  # (1, H, W)
+        pred, pred_nt = predictor.decision.masks(prob)
+        pred_np, pred_nt = pred[0].cpu().numpy(), bool(pred_nt[0])
+        gt_nt = bool(row["no_target"])
+        i, u = metrics.intersection_union(pred_np, gt, pred_nt, gt_nt)
+        iou = float(metrics.sample_iou([i], [u], [gt_nt], [pred_nt])[0])
+        if variant == "model":
+            union = _at_resolution(manifest.original_objects(int(row["image_index"])), resolution)
+            ui, uu = metrics.intersection_union(union, gt, False, gt_nt)
+            records.append({"sample_id": sample_id, "gt_nt": gt_nt, "pred_nt": pred_nt, "I": i, "U": u, "IoU": iou,
+                            "area": float(pred_np.mean()), "union_I": ui, "union_U": uu,
+                            "union_IoU": float(metrics.sample_iou([ui], [uu], [gt_nt], [False])[0])})
+        else:
+            records.append({"sample_id": sample_id, "shuffled_pred_nt": pred_nt, "shuffled_I": i,
+                            "shuffled_U": u, "shuffled_IoU": iou})
+
+
+def _at_resolution(mask: np.ndarray, resolution: str | int) -> np.ndarray:
+    return mask if resolution == "original" else resize_mask(mask, int(resolution))
+
+
+def split_metrics(table: pd.DataFrame) -> dict[str, dict]:
+    """Metrics of one split's table: overall, per kind, novel combinations, and the two baselines."""
+
+    def score(t: pd.DataFrame, prefix: str = "", pred_nt: str = "pred_nt") -> dict[str, float]:
+        gt_nt = t["gt_nt"].to_numpy(bool)
+        nt = np.zeros(len(t), bool) if pred_nt == "" else t[pred_nt].to_numpy(bool)
+        return metrics.summarize(t[f"{prefix}I"].to_numpy(), t[f"{prefix}U"].to_numpy(), gt_nt, nt)
+
+    out: dict[str, dict] = dict(score(table))
+    for kind in ("single", "multi", "no_target"):
+        subset = table[table["kind"] == kind]
+        if len(subset):
+            out[kind] = score(subset)
+    novel = table[table["novel"]]
+    if len(novel):
+        out["novel"] = score(novel)
+    out["baseline_shuffled_text"] = score(table, "shuffled_", "shuffled_pred_nt")
+    out["baseline_union"] = score(table, "union_", "")
+    return out

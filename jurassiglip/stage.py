@@ -1,0 +1,69 @@
+"""What every stage entry point shares: logging, params, the output folder, the tracker.
+
+A stage module is `run(params, tracker)` plus `main = entry(NAME, run)`.
+Stage name = module name = output folder `data/<name>/` = MLflow `stage` tag.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from jurassiglip.config import PARAMS_FILE, ConfigError, load_params
+
+STAGES = ("build_manifest", "contrastive_pretrain", "seg_finetune", "evaluate", "render_val")
+DATA_DIR = Path("data")
+
+# Outputs one stage hands to the next (the same paths are declared in dvc.yaml).
+MANIFEST_DIR = DATA_DIR / "build_manifest" / "manifest"
+TOKENIZER_DIR = DATA_DIR / "build_manifest" / "tokenizer"
+PRETRAIN_CHECKPOINTS = DATA_DIR / "contrastive_pretrain" / "checkpoints"
+FINETUNE_CHECKPOINTS = DATA_DIR / "seg_finetune" / "checkpoints"
+FEATURES_DIR = DATA_DIR / "seg_finetune" / "features"
+EVALUATE_DIR = DATA_DIR / "evaluate"
+GALLERY_DIR = DATA_DIR / "render_val" / "gallery"
+
+log = logging.getLogger(__name__)
+
+
+def stage_dir(name: str) -> Path:
+    """Output folder of a stage, relative to the repository (DVC runs stages there)."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    return DATA_DIR / name
+
+
+def setup_logging() -> None:
+    """One line per event, with time and module; rank 0 only under torchrun."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def entry(name: str, run: Callable[..., None]) -> Callable[[], None]:
+    """Build the `main()` of a stage module: params -> tracker -> run(params, tracker)."""
+
+    def main() -> None:
+        from jurassiglip.tracking import Tracker
+
+        setup_logging()
+        try:
+            params = load_params(os.environ.get("JURASSIGLIP_PARAMS", PARAMS_FILE))
+        except ConfigError as err:
+            log.error("%s", err)
+            raise SystemExit(2) from None
+        start = time.perf_counter()
+        log.info("%s: start", name)
+        with Tracker.open(name, params, stage_dir(name)) as tracker:
+            run(params, tracker)
+        log.info("%s: done in %.1f s", name, time.perf_counter() - start)
+
+    return main

@@ -1,0 +1,1 @@
+"""The five DVC stages, one thin module each: read params, call jurassiglip, log."""

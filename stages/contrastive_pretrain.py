@@ -1,0 +1,40 @@
+"""contrastive_pretrain: align image CLS and caption features (LoRA + text projection + logit scale)."""
+
+from jurassiglip import checkpoint
+from jurassiglip.config import Params
+from jurassiglip.data.manifest import Manifest
+from jurassiglip.data.tokenizer import caption_tokenizer, tokenize
+from jurassiglip.model.build import build_model, hub_offline_unless_pretrained, model_spec
+from jurassiglip.pretraining import train_contrastive
+from jurassiglip.stage import MANIFEST_DIR, PRETRAIN_CHECKPOINTS, TOKENIZER_DIR, entry
+from jurassiglip.train import device, fingerprint, seed_everything
+from jurassiglip.tracking import Tracker
+
+NAME = "contrastive_pretrain"
+
+
+def run(params: Params, tracker: Tracker) -> None:
+    hub_offline_unless_pretrained(params.model.preset)
+    seed_everything(params.seed)
+    manifest = Manifest.load(MANIFEST_DIR)
+    tokenizer = caption_tokenizer(params.model, TOKENIZER_DIR)
+    input_ids, attention_mask = tokenize(tokenizer, manifest.samples["sentence"].tolist(),
+                                         params.model.arch.text_max_len)
+    spec = model_spec(params, tokenizer)
+    model = build_model(spec).to(device())
+    tokenizer_blob = checkpoint.tokenizer_files(tokenizer)
+    result = train_contrastive(
+        model, manifest, input_ids, attention_mask, cfg=params.pretrain, train_split=params.data.train_split,
+        val_split=params.data.val_split, seed=params.seed, ckpt_dir=PRETRAIN_CHECKPOINTS,
+        best_payload=lambda: {"spec": spec, "model": model.state_dict(), "tokenizer": tokenizer_blob},
+        run_fingerprint=fingerprint(spec, params.pretrain, params.seed, params.data.train_split,
+                                    params.data.val_split, files=[MANIFEST_DIR / "samples.parquet"]),
+        tracker=tracker)
+    tracker.log_metrics({"start_val_loss": result.start_val_loss, "best_val_loss": result.best_val_loss,
+                         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run})
+
+
+main = entry(NAME, run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""evaluate: cIoU, gIoU, Pr@X, N-acc, T-acc per split, per kind, for novel combinations, with baselines."""
+
+import pandas as pd
+
+from jurassiglip import atomic
+from jurassiglip.config import Params
+from jurassiglip.data.manifest import Manifest
+from jurassiglip.evaluation import evaluate_split, split_metrics
+from jurassiglip.predict import Decision, Predictor
+from jurassiglip.stage import EVALUATE_DIR, FINETUNE_CHECKPOINTS, MANIFEST_DIR, entry
+from jurassiglip.train import seed_everything
+from jurassiglip.tracking import Tracker
+
+NAME = "evaluate"
+
+
+def run(params: Params, tracker: Tracker) -> None:
+    cfg = params.evaluate
+    seed_everything(params.seed)
+    decision = Decision(cfg.mask_threshold, cfg.no_target_min_area)
+    predictor = Predictor.from_checkpoint(FINETUNE_CHECKPOINTS / "best.pt", decision)
+    manifest = Manifest.load(MANIFEST_DIR)
+    tracker.set_tags({"no_target_rule": decision.describe(), "eval_resolution": cfg.resolution})
+    tables = []
+    for split in cfg.splits:
+        table = evaluate_split(predictor, manifest, split, resolution=cfg.resolution,
+                               images_per_batch=max(1, cfg.batch_size // 8), seed=params.seed)
+        tracker.log_metrics({split: split_metrics(table)})
+        tables.append(table)
+    samples = pd.concat(tables, ignore_index=True)
+    atomic.write_with(EVALUATE_DIR / "samples.parquet", lambda tmp: samples.to_parquet(tmp, index=False))
+    atomic.write_with(EVALUATE_DIR / "samples.csv", lambda tmp: samples.to_csv(tmp, index=False))
+    tracker.log_metrics({"mask_threshold": cfg.mask_threshold, "no_target_min_area": cfg.no_target_min_area})
+    tracker.log_artifact(EVALUATE_DIR / "samples.parquet")
+    tracker.log_artifact(EVALUATE_DIR / "samples.csv")
+
+
+main = entry(NAME, run)
+
+if __name__ == "__main__":
+    main()

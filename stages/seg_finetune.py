@@ -1,0 +1,40 @@
+"""seg_finetune: train cross-attention + segmentation head on the frozen, pretrained towers."""
+
+from jurassiglip import checkpoint
+from jurassiglip.config import Params
+from jurassiglip.data.manifest import Manifest
+from jurassiglip.data.tokenizer import tokenize
+from jurassiglip.finetuning import train_segmentation
+from jurassiglip.model.build import model_from_checkpoint
+from jurassiglip.stage import FEATURES_DIR, FINETUNE_CHECKPOINTS, MANIFEST_DIR, PRETRAIN_CHECKPOINTS, entry
+from jurassiglip.train import device, fingerprint, seed_everything
+from jurassiglip.tracking import Tracker
+
+NAME = "seg_finetune"
+
+
+def run(params: Params, tracker: Tracker) -> None:
+    seed_everything(params.seed)
+    pretrained = PRETRAIN_CHECKPOINTS / "best.pt"
+    model, tokenizer, spec = model_from_checkpoint(pretrained)
+    model = model.to(device())
+    manifest = Manifest.load(MANIFEST_DIR)
+    input_ids, attention_mask = tokenize(tokenizer, manifest.samples["sentence"].tolist(), spec["arch"]["text_max_len"])
+    tokenizer_blob = checkpoint.tokenizer_files(tokenizer)
+    upstream = [pretrained, MANIFEST_DIR / "samples.parquet"]
+    splits = (params.data.train_split, params.data.val_split)
+    result = train_segmentation(
+        model, manifest, input_ids, attention_mask, cfg=params.finetune, train_split=splits[0],
+        val_split=splits[1], seed=params.seed, ckpt_dir=FINETUNE_CHECKPOINTS, features_dir=FEATURES_DIR,
+        cache_fingerprint=fingerprint("features", splits, files=upstream),
+        best_payload=lambda: {"spec": spec, "model": model.state_dict(), "tokenizer": tokenizer_blob},
+        run_fingerprint=fingerprint(params.finetune, params.seed, splits, files=upstream),
+        tracker=tracker)
+    tracker.log_metrics({"start_val_loss": result.start_val_loss, "best_val_loss": result.best_val_loss,
+                         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run})
+
+
+main = entry(NAME, run)
+
+if __name__ == "__main__":
+    main()

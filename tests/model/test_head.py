@@ -1,0 +1,45 @@
+"""SegHead: per-patch MLP, row-major grid layout, bilinear upsampling."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jurassiglip.model.head import SegHead
+
+
+def test_shapes():
+    torch.manual_seed(0)
+    head = SegHead(dim=16, hidden=24)
+    logits = head(torch.randn(2, 16, 16), grid=4, out_size=64)
+    assert logits.shape == (2, 1, 64, 64)
+    assert [type(m).__name__ for m in head.mlp] == ["Linear", "GELU", "Linear"]
+    assert head.mlp[0].weight.shape == (24, 16) and head.mlp[2].weight.shape == (1, 24)
+
+
+def test_patches_are_laid_out_row_major():
+    """Patch k lands at row k // grid, column k % grid (the order DINOv3 flattens its patch grid in)."""
+    head = SegHead(dim=1, hidden=1)
+    with torch.no_grad():  # make the MLP the identity on nonnegative inputs: GELU(x) ~ x for large x
+        head.mlp[0].weight.fill_(1.0)
+        head.mlp[0].bias.fill_(100.0)
+        head.mlp[2].weight.fill_(1.0)
+        head.mlp[2].bias.fill_(-100.0)
+        tokens = torch.arange(9.0).view(1, 9, 1)
+        logits = head(tokens, grid=3, out_size=3)  # same size: bilinear is the identity
+    torch.testing.assert_close(logits[0, 0], torch.arange(9.0).view(3, 3), atol=1e-3, rtol=0)
+
+
+def test_upsampling_is_bilinear_without_corner_alignment():
+    torch.manual_seed(0)
+    head = SegHead(dim=8, hidden=8)
+    tokens = torch.randn(1, 4, 8)
+    with torch.no_grad():
+        coarse = head(tokens, grid=2, out_size=2)
+        fine = head(tokens, grid=2, out_size=8)
+    torch.testing.assert_close(fine, F.interpolate(coarse, size=(8, 8), mode="bilinear", align_corners=False))
+
+
+def test_grid_must_match_token_count():
+    head = SegHead(dim=8, hidden=8)
+    with pytest.raises(ValueError, match="3x3 grid"):
+        head(torch.randn(1, 16, 8), grid=3, out_size=12)

@@ -1,0 +1,99 @@
+"""params.yaml loading: typed, complete, validated before any work, errors naming key and value."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from jurassiglip.config import ConfigError, flatten, load_params, params_from_dict
+
+
+def test_repository_params_load_typed(params_dict):
+    params = params_from_dict(params_dict)
+    assert params.lora.r == params_dict["lora"]["r"]
+    assert isinstance(params.pretrain.lr, float)
+    assert params.model.arch is params.model.tiny
+    assert flatten(params.to_dict())["lora.r"] == params.lora.r
+
+
+def test_real_preset_switch(params_dict):
+    params_dict["model"]["preset"] = "real"
+    params = params_from_dict(params_dict)
+    assert params.model.arch.shared_dim == 384
+    assert params.model.arch.vision_name.startswith("facebook/dinov3")
+
+
+def _error(params_dict: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        params_from_dict(params_dict)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("section", ["data", "synthetic", "model", "lora", "pretrain", "finetune", "evaluate",
+                                     "render", "tracking"])
+def test_unknown_and_missing_keys_named(params_dict, section):
+    broken = copy.deepcopy(params_dict)
+    broken[section]["surprise"] = 1
+    assert f"{section}.surprise: unknown key" in _error(broken)
+    broken = copy.deepcopy(params_dict)
+    first = next(iter(broken[section]))
+    del broken[section][first]
+    assert f"{section}.{first}: missing key" in _error(broken)
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("lora.r", "8", "lora.r = '8' must be an integer"),
+    ("lora.r", 0, "lora.r = 0 must be > 0"),
+    ("lora.r", True, "lora.r = True must be an integer"),
+    ("lora.dropout", 1.5, "lora.dropout = 1.5"),
+    ("pretrain.lr", "fast", "pretrain.lr = 'fast' must be a number"),
+    ("pretrain.batch_size", 1, "pretrain.batch_size = 1"),
+    ("pretrain.loss", "triplet", "pretrain.loss = 'triplet' must be one of"),
+    ("finetune.focal_alpha", 2.0, "finetune.focal_alpha = 2.0"),
+    ("finetune.cache_features", "yes", "finetune.cache_features = 'yes' must be true or false"),
+    ("data.source", "coco", "data.source = 'coco' must be one of"),
+    ("data.on_bad_image", "ignore", "data.on_bad_image = 'ignore'"),
+    ("data.val_split", "valid", "data.val_split = 'valid' must be one of data.splits"),
+    ("evaluate.resolution", "native", "evaluate.resolution = 'native'"),
+    ("evaluate.resolution", -5, "evaluate.resolution = -5"),
+    ("evaluate.mask_threshold", 1.0, "evaluate.mask_threshold = 1.0"),
+    ("evaluate.splits", ["val", "testA"], "evaluate.splits = 'testA' is not built"),
+    ("render.n_images", 0, "render.n_images = 0"),
+    ("synthetic.min_objects", 9, "synthetic.min_objects = 9"),
+    ("synthetic.novel_combos", ["red"], "synthetic.novel_combos = 'red'"),
+    ("model.tiny.image_size", 100, "model.tiny.image_size = 100 must be divisible by model.tiny.patch_size"),
+    ("model.tiny.fusion_heads", 3, "model.tiny.fusion_inner_dim = 128 must be divisible by model.tiny.fusion_heads"),
+    ("model.tiny.shared_dim", 48, "model.tiny.shared_dim = 48 must equal model.tiny.vision_hidden"),
+    ("model.real.image_size", 500, "model.real.image_size = 500 must be divisible by the DINOv3 patch size"),
+    ("model.image_std", [0.2, 0.2], "model.image_std = [0.2, 0.2] must hold 3 numbers"),
+    ("tracking.experiment", " ", "tracking.experiment"),
+])
+def test_bad_values_named(params_dict, key, value, fragment):
+    *path, leaf = key.split(".")
+    node = params_dict
+    for part in path:
+        node = node[part]
+    node[leaf] = value
+    assert fragment in _error(params_dict)
+
+
+def test_grefcoco_paths_must_exist(params_dict, tmp_path):
+    params_dict["data"]["source"] = "grefcoco"
+    params_dict["data"]["grefs_path"] = str(tmp_path / "missing.json")
+    message = _error(params_dict)
+    assert "data.grefs_path" in message and "missing.json" in message and "does not exist" in message
+
+
+def test_load_params_names_the_file(tmp_path, params_dict):
+    path = tmp_path / "params.yaml"
+    path.write_text("lora: [unclosed")
+    with pytest.raises(ConfigError, match="params.yaml: not valid YAML"):
+        load_params(path)
+    params_dict["lora"]["r"] = -1
+    path.write_text(yaml.safe_dump(params_dict))
+    with pytest.raises(ConfigError, match=r"params.yaml: lora.r = -1 must be > 0"):
+        load_params(path)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")

@@ -1,0 +1,94 @@
+"""Tracking: where the MLflow store is, how stage runs are grouped, and metrics files agreeing with MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from jurassiglip.config import params_from_dict
+from jurassiglip.tracking import Tracker, repo_root, tracking_uri
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    """An empty project folder as cwd, with the default (sqlite) store."""
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(tmp_path)
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "JURASSIGLIP_PARENT_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path
+
+
+def test_store_at_repo_root_with_absolute_uri(repo):
+    assert tracking_uri() == f"sqlite:///{repo}/mlflow.db"
+    nested = repo / "stages"
+    nested.mkdir()
+    assert repo_root(nested) == repo
+
+
+def test_store_resolved_through_dvc_experiment_copies(repo, monkeypatch):
+    copy = repo / ".dvc" / "tmp" / "exps" / "run" / "abc123"
+    copy.mkdir(parents=True)
+    (copy / "dvc.yaml").write_text("stages: {}\n")
+    assert repo_root(copy) == repo
+    monkeypatch.chdir(copy)
+    assert tracking_uri() == f"sqlite:///{repo}/mlflow.db"
+
+
+def test_env_override(repo, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking_uri() == "http://127.0.0.1:5999"
+
+
+def test_stage_runs_grouped_params_flattened_and_metrics_agree(repo, params_dict):
+    params = params_from_dict(params_dict)
+    with Tracker.open("build_manifest", params, repo / "data" / "build_manifest") as tracker:
+        tracker.log_metrics({"train": {"samples": 10}, "vocab_size": 42})
+        first = tracker.run_id
+    with Tracker.open("contrastive_pretrain", params, repo / "data" / "contrastive_pretrain") as tracker:
+        tracker.log_epoch("loss", 1, {"train_loss": 2.0, "val_loss": 1.5})
+        tracker.log_epoch("loss", 2, {"train_loss": 1.0, "val_loss": 1.25})
+        second = tracker.run_id
+    client = MlflowClient(tracking_uri())
+    a, b = client.get_run(first), client.get_run(second)
+    assert a.data.tags["mlflow.parentRunId"] == b.data.tags["mlflow.parentRunId"]
+    assert a.data.tags["stage"] == "build_manifest"
+    assert a.data.params["lora.r"] == str(params.lora.r)
+    assert a.data.params["model.tiny.image_size"] == str(params.model.tiny.image_size)
+    on_disk = json.loads((repo / "data" / "build_manifest" / "metrics.json").read_text())
+    assert on_disk == {"train": {"samples": 10}, "vocab_size": 42}
+    assert a.data.metrics == {"train/samples": 10.0, "vocab_size": 42.0}
+    history = client.get_metric_history(second, "val_loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.5), (2, 1.25)]
+    csv = (repo / "data" / "contrastive_pretrain" / "plots" / "loss.csv").read_text().splitlines()
+    assert csv == ["epoch,train_loss,val_loss", "1,2.0,1.5", "2,1.0,1.25"]
+    assert a.info.status == b.info.status == "FINISHED"
+
+    # The same stage again (e.g. `dvc repro -f`) opens a new pipeline run.
+    with Tracker.open("build_manifest", params, repo / "data" / "build_manifest") as tracker:
+        third = tracker.run_id
+    assert client.get_run(third).data.tags["mlflow.parentRunId"] != a.data.tags["mlflow.parentRunId"]
+
+
+def test_failing_stage_marked_failed(repo, params_dict):
+    params = params_from_dict(params_dict)
+    with pytest.raises(RuntimeError, match="boom"):
+        with Tracker.open("evaluate", params, repo / "data" / "evaluate") as tracker:
+            run_id = tracker.run_id
+            raise RuntimeError("boom")
+    client = MlflowClient(tracking_uri())
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
+
+
+def test_artifacts_land_beside_the_store(repo, params_dict):
+    params = params_from_dict(params_dict)
+    picture = repo / "x.txt"
+    picture.write_text("hello")
+    with Tracker.open("render_val", params, repo / "data" / "render_val") as tracker:
+        tracker.log_artifact(picture, "gallery")
+    stored = list((repo / "mlartifacts").rglob("x.txt"))
+    assert len(stored) == 1 and stored[0].read_text() == "hello"
