@@ -96,10 +96,9 @@ class TinyPreset:
     head_hidden: int
 
     def validate(self, key: str) -> None:
-        for name in ("image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "vision_mlp",
-                     "text_hidden", "text_layers", "text_heads", "text_mlp", "text_max_len", "shared_dim",
-                     "fusion_inner_dim", "fusion_heads", "head_hidden"):
-            _require(getattr(self, name) > 0, f"{key}.{name}", getattr(self, name), "must be > 0")
+        _require_positive(self, key, "image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads",
+                          "vision_mlp", "text_hidden", "text_layers", "text_heads", "text_mlp", "text_max_len",
+                          "shared_dim", "fusion_inner_dim", "fusion_heads", "head_hidden")
         _require(self.register_tokens >= 0, f"{key}.register_tokens", self.register_tokens, "must be >= 0")
         _require(self.image_size % self.patch_size == 0, f"{key}.image_size", self.image_size,
                  f"must be divisible by {key}.patch_size ({self.patch_size})")
@@ -124,10 +123,10 @@ class RealPreset:
     head_hidden: int
 
     def validate(self, key: str) -> None:
-        for name in ("image_size", "text_max_len", "shared_dim", "fusion_inner_dim", "fusion_heads", "head_hidden"):
-            _require(getattr(self, name) > 0, f"{key}.{name}", getattr(self, name), "must be > 0")
-        _require(self.image_size % 16 == 0, f"{key}.image_size", self.image_size,
-                 "must be divisible by the DINOv3 patch size 16")
+        # Divisibility by the patch size and the text length limit are checked against the
+        # loaded checkpoints' own configs (model/build.py), which this file cannot see.
+        _require_positive(self, key, "image_size", "text_max_len", "shared_dim", "fusion_inner_dim", "fusion_heads",
+                          "head_hidden")
         _check_fusion(self, key)
 
 
@@ -306,13 +305,13 @@ def params_from_dict(raw: Any) -> Params:
     return params
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
     """{'lora': {'r': 8}} -> {'lora.r': 8}; lists stay values."""
     flat: dict[str, Any] = {}
     for name, value in tree.items():
         key = f"{prefix}{name}"
         if isinstance(value, dict):
-            flat.update(flatten(value, key + "."))
+            flat.update(flatten(value, sep, key + sep))
         else:
             flat[key] = value
     return flat
@@ -325,14 +324,18 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key} = {value!r} {why}")
 
 
+def _require_positive(section: Any, key: str, *names: str) -> None:
+    for name in names:
+        _require(getattr(section, name) > 0, f"{key}.{name}", getattr(section, name), "must be > 0")
+
+
 def _check_fusion(arch: TinyPreset | RealPreset, key: str) -> None:
     _require(arch.fusion_inner_dim % arch.fusion_heads == 0, f"{key}.fusion_inner_dim", arch.fusion_inner_dim,
              f"must be divisible by {key}.fusion_heads ({arch.fusion_heads})")
 
 
 def _check_training(section: Any, key: str) -> None:
-    for name in ("epochs", "batch_size", "log_every"):
-        _require(getattr(section, name) > 0, f"{key}.{name}", getattr(section, name), "must be > 0")
+    _require_positive(section, key, "epochs", "batch_size", "log_every")
     _require(section.lr > 0, f"{key}.lr", section.lr, "must be > 0")
     _require(section.weight_decay >= 0, f"{key}.weight_decay", section.weight_decay, "must be >= 0")
     _require(section.patience > 0, f"{key}.patience", section.patience, "must be > 0")

@@ -97,12 +97,7 @@ class Predictor:
     def prepare(self, image: Image.Image | np.ndarray | str | Path) -> tuple[np.ndarray, tuple[int, int]]:
         """Any image (path, PIL of any mode, array) -> uint8 (S, S, 3) and its original (H, W)."""
         if isinstance(image, (str, Path)):
-            path = Path(image)
-            try:
-                with Image.open(path) as opened:
-                    image = to_rgb(opened)
-            except (OSError, ValueError) as err:
-                raise ValueError(f"{path}: cannot read the image ({err})") from None
+            image = read_image(image)
         elif isinstance(image, np.ndarray):
             image = Image.fromarray(image)
         rgb = to_rgb(image)
@@ -126,6 +121,19 @@ class Predictor:
             out.append(Prediction(text=text, mask=m, prob=p.astype(np.float32), no_target=bool(no_target[i]),
                                   area=float(m.mean()), score=float(p[m].mean()) if m.any() else 0.0))
         return out
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """An image file as RGB (any PIL mode converted); a clear error naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image not found")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return to_rgb(opened).copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{path}: cannot read the image ({err})") from None
 
 
 def upsample_probabilities(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -153,7 +153,7 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, Any]) -> None:
         """Final numbers: nested dict -> MLflow (`val/cIoU`) and the DVC metrics JSON (`val.cIoU`)."""
         _merge(self._metrics, metrics)
-        self._log_batch(_flatten_metrics(metrics), step=None)
+        self._log_batch(flatten(metrics, sep="/"), step=None)
         atomic.write_json(self.metrics_file, self._metrics)
 
     def log_epoch(self, plot: str, epoch: int, values: dict[str, float]) -> None:
@@ -254,17 +254,6 @@ def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
             _merge(into[key], value)
         else:
             into[key] = value
-
-
-def _flatten_metrics(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for name, value in tree.items():
-        key = f"{prefix}{name}"
-        if isinstance(value, dict):
-            flat.update(_flatten_metrics(value, key + "/"))
-        else:
-            flat[key] = value
-    return flat
 
 
 def _is_number(value: Any) -> bool:

@@ -54,6 +54,11 @@ class FitResult:
     stopped_early: bool
     resumed_from_epoch: int
 
+    def metrics(self) -> dict[str, float | int]:
+        """What a training stage reports to DVC and MLflow."""
+        return {"start_val_loss": self.start_val_loss, "best_val_loss": self.best_val_loss,
+                "best_epoch": self.best_epoch, "epochs_run": self.epochs_run}
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)

@@ -30,8 +30,7 @@ def run(params: Params, tracker: Tracker) -> None:
         run_fingerprint=fingerprint(spec, params.pretrain, params.seed, params.data.train_split,
                                     params.data.val_split, files=[MANIFEST_DIR / "samples.parquet"]),
         tracker=tracker)
-    tracker.log_metrics({"start_val_loss": result.start_val_loss, "best_val_loss": result.best_val_loss,
-                         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run})
+    tracker.log_metrics(result.metrics())
 
 
 main = entry(NAME, run)

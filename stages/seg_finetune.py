@@ -30,8 +30,7 @@ def run(params: Params, tracker: Tracker) -> None:
         best_payload=lambda: {"spec": spec, "model": model.state_dict(), "tokenizer": tokenizer_blob},
         run_fingerprint=fingerprint(params.finetune, params.seed, splits, files=upstream),
         tracker=tracker)
-    tracker.log_metrics({"start_val_loss": result.start_val_loss, "best_val_loss": result.best_val_loss,
-                         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run})
+    tracker.log_metrics(result.metrics())
 
 
 main = entry(NAME, run)

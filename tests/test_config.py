@@ -66,7 +66,7 @@ def test_unknown_and_missing_keys_named(params_dict, section):
     ("model.tiny.image_size", 100, "model.tiny.image_size = 100 must be divisible by model.tiny.patch_size"),
     ("model.tiny.fusion_heads", 3, "model.tiny.fusion_inner_dim = 128 must be divisible by model.tiny.fusion_heads"),
     ("model.tiny.shared_dim", 48, "model.tiny.shared_dim = 48 must equal model.tiny.vision_hidden"),
-    ("model.real.image_size", 500, "model.real.image_size = 500 must be divisible by the DINOv3 patch size"),
+    ("model.real.text_max_len", 0, "model.real.text_max_len = 0 must be > 0"),
     ("model.image_std", [0.2, 0.2], "model.image_std = [0.2, 0.2] must hold 3 numbers"),
     ("tracking.experiment", " ", "tracking.experiment"),
 ])

@@ -1,0 +1,79 @@
+"""Command line: `jurassiglip predict --image PATH --text "..." [--text ...] --out DIR`.
+
+Writes, per caption, a binary mask PNG and an overlay PNG at the image's own
+size, and one JSON line (caption, no-target verdict, mask area, score,
+file names) to DIR/predictions.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from jurassiglip import atomic
+from jurassiglip.stage import FINETUNE_CHECKPOINTS, setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jurassiglip", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    predict = commands.add_parser("predict", help="segment what each caption refers to in one image")
+    predict.add_argument("--image", required=True, type=Path, help="image file (any mode and size PIL reads)")
+    predict.add_argument("--text", required=True, action="append", help="caption; repeat for several")
+    predict.add_argument("--checkpoint", type=Path, default=FINETUNE_CHECKPOINTS / "best.pt",
+                         help="trained checkpoint (default: %(default)s)")
+    predict.add_argument("--out", required=True, type=Path, help="output folder")
+    predict.add_argument("--mask-threshold", type=float, default=0.5, help="foreground probability (default 0.5)")
+    predict.add_argument("--no-target-min-area", type=float, default=0.002,
+                         help="no-target when the mask covers less of the image (default 0.002)")
+    predict.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        return _predict(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        log.error("%s", err)
+        return 2
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from jurassiglip.predict import Decision, Predictor, read_image
+    from jurassiglip.render import overlay_mask
+
+    decision = Decision(args.mask_threshold, args.no_target_min_area)
+    predictor = Predictor.from_checkpoint(args.checkpoint, decision, device=args.device)
+    image = read_image(args.image)
+    results = predictor.predict(image, args.text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    full = np.asarray(image)  # (H, W, 3): masks come back at the image's own size
+    lines = []
+    for k, result in enumerate(results):
+        stem = f"{k:02d}_{_slug(result.text)}"
+        mask_png = Image.fromarray((result.mask * 255).astype(np.uint8), mode="L")
+        overlay_png = Image.fromarray(overlay_mask(full, result.mask, color=(0, 158, 115)))
+        atomic.write_with(args.out / f"{stem}_mask.png", lambda tmp: mask_png.save(tmp, format="PNG"))
+        atomic.write_with(args.out / f"{stem}_overlay.png", lambda tmp: overlay_png.save(tmp, format="PNG"))
+        lines.append(json.dumps({"text": result.text, "no_target": result.no_target, "area": round(result.area, 6),
+                                 "score": round(result.score, 6), "mask": f"{stem}_mask.png",
+                                 "overlay": f"{stem}_overlay.png"}))
+        log.info("%r: %s, area %.4f, score %.3f", result.text, "no target" if result.no_target else "target",
+                 result.area, result.score)
+    atomic.write_text(args.out / "predictions.jsonl", "\n".join(lines) + "\n")
+    return 0
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "caption"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

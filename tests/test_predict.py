@@ -1,0 +1,94 @@
+"""Inference from a checkpoint alone: Python API and `jurassiglip predict`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jurassiglip import checkpoint
+from jurassiglip.cli import main as cli
+from jurassiglip.config import params_from_dict
+from jurassiglip.data.tokenizer import load_tokenizer
+from jurassiglip.model.build import build_model, model_spec
+from jurassiglip.predict import Decision, Predictor
+
+
+@pytest.fixture(scope="module")
+def ckpt(micro_data, micro_params, tmp_path_factory):
+    params = params_from_dict(micro_params)
+    tokenizer = load_tokenizer(micro_data / "tokenizer")
+    spec = model_spec(params, tokenizer)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    checkpoint.save(path, {"spec": spec, "model": model.state_dict(),
+                           "tokenizer": checkpoint.tokenizer_files(tokenizer)})
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictor(ckpt):
+    return Predictor.from_checkpoint(ckpt, Decision(0.5, 0.002), device="cpu")
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "RGB", "RGBA", "CMYK", "I;16"])
+def test_any_mode_and_size_gives_masks_at_the_image_size(predictor, mode):
+    image = Image.new(mode, (37, 21))
+    results = predictor.predict(image, ["the red circle", "all blue shapes"])
+    assert [r.text for r in results] == ["the red circle", "all blue shapes"]
+    for r in results:
+        assert r.mask.shape == r.prob.shape == (21, 37) and r.mask.dtype == bool
+        assert 0.0 <= r.area <= 1.0 and isinstance(r.no_target, bool)
+
+
+def test_one_pixel_image(predictor):
+    (result,) = predictor.predict(Image.new("RGB", (1, 1), "red"), ["the red square"])
+    assert result.mask.shape == (1, 1)
+
+
+def test_bad_inputs_are_refused_clearly(predictor, tmp_path):
+    with pytest.raises(ValueError, match="empty caption"):
+        predictor.predict(Image.new("RGB", (8, 8)), ["  "])
+    with pytest.raises(ValueError, match="no caption"):
+        predictor.predict(Image.new("RGB", (8, 8)), [])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(ValueError, match="broken.jpg: cannot read the image"):
+        predictor.predict(broken, ["the red circle"])
+    with pytest.raises(FileNotFoundError, match="missing.png: image not found"):
+        predictor.predict(tmp_path / "missing.png", ["the red circle"])
+
+
+def test_missing_or_foreign_checkpoint(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="nope.pt: checkpoint not found"):
+        Predictor.from_checkpoint(tmp_path / "nope.pt", Decision(0.5, 0.002))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(checkpoint.CheckpointError, match="foreign.pt: not a jurassiglip checkpoint"):
+        Predictor.from_checkpoint(foreign, Decision(0.5, 0.002))
+
+
+def test_cli_writes_mask_overlay_and_json_per_caption(ckpt, tmp_path):
+    image = tmp_path / "scene.png"
+    Image.new("RGBA", (40, 30), (200, 10, 10, 255)).save(image)
+    out = tmp_path / "out"
+    code = cli(["predict", "--image", str(image), "--text", "the red square", "--text", "all blue shapes",
+                "--checkpoint", str(ckpt), "--out", str(out)])
+    assert code == 0
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [line["text"] for line in lines] == ["the red square", "all blue shapes"]
+    for line in lines:
+        mask = np.asarray(Image.open(out / line["mask"]))
+        assert mask.shape == (30, 40) and set(np.unique(mask)) <= {0, 255}
+        assert Image.open(out / line["overlay"]).size == (40, 30)
+        assert line["area"] == pytest.approx((mask > 0).mean(), abs=1e-6)
+
+
+def test_cli_reports_errors_with_exit_code(ckpt, tmp_path, caplog):
+    code = cli(["predict", "--image", str(tmp_path / "none.png"), "--text", "x", "--checkpoint", str(ckpt),
+                "--out", str(tmp_path / "o")])
+    assert code == 2 and "none.png: image not found" in caplog.text

@@ -1,0 +1,209 @@
+"""Both training recipes on a micro manifest: the feature cache, the fit loop, resume, checkpoints."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from jurassiglip import checkpoint
+from jurassiglip.config import params_from_dict
+from jurassiglip.data.datasets import CaptionDataset, EpochSampler
+from jurassiglip.data.manifest import Manifest
+from jurassiglip.data.tokenizer import load_tokenizer, tokenize
+from jurassiglip.features import CachedSegDataset, build_cache
+from jurassiglip.finetuning import cached_loss_fn, live_loss_fn, train_head_only
+from jurassiglip.model.build import build_model, model_from_checkpoint, model_spec
+from jurassiglip.train import LoopSettings, NonFiniteLoss, fit
+
+
+class NullTracker:
+    """Collects what fit reports instead of writing MLflow runs (tracking has its own tests)."""
+
+    def __init__(self):
+        self.rows = []
+
+    def log_epoch(self, plot, epoch, values):
+        self.rows.append((epoch, values))
+
+    def restore_epochs(self, plot, rows):
+        self.rows = [(r["epoch"], r) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def setup(micro_data, micro_params):
+    params = params_from_dict(micro_params)
+    manifest = Manifest.load(micro_data / "manifest")
+    tokenizer = load_tokenizer(micro_data / "tokenizer")
+    ids, mask = tokenize(tokenizer, manifest.samples["sentence"].tolist(), params.model.arch.text_max_len)
+    spec = model_spec(params, tokenizer)
+    return params, manifest, tokenizer, ids, mask, spec
+
+
+def fresh_model(spec, seed=0):
+    torch.manual_seed(seed)
+    return build_model(spec)
+
+
+def count_images(model):
+    """Count images through the vision tower (a forward hook on the real module)."""
+    seen = []
+    model.vision.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    return seen
+
+
+def test_cache_has_one_vision_pass_per_image_and_is_reused(setup, tmp_path):
+    params, manifest, _, ids, mask, spec = setup
+    model = fresh_model(spec)
+    seen = count_images(model)
+    train = manifest.samples[manifest.samples["split"] == "train"]
+    cache = build_cache(model, manifest, ids, mask, train["sample_id"].to_numpy(), tmp_path / "features",
+                        batch_size=8, fingerprint="a")
+    n_images = train["image_index"].nunique()
+    assert len(train) > n_images  # several captions per image, yet...
+    assert sum(seen) == n_images == cache.meta["vision_passes"]  # ...one vision pass per image
+    assert cache.text.shape[0] == len(train) and cache.patches.dtype == np.float16
+    build_cache(model, manifest, ids, mask, train["sample_id"].to_numpy(), tmp_path / "features",
+                batch_size=8, fingerprint="a")
+    assert sum(seen) == n_images  # same fingerprint: reused, nothing encoded again
+    build_cache(model, manifest, ids, mask, train["sample_id"].to_numpy(), tmp_path / "features",
+                batch_size=8, fingerprint="b")
+    assert sum(seen) == 2 * n_images  # another fingerprint: rebuilt
+
+
+def test_cached_and_live_paths_give_the_same_loss(setup, tmp_path):
+    params, manifest, _, ids, mask, spec = setup
+    model = fresh_model(spec)
+    model.trainable_for_finetune()
+    train_head_only(model)
+    sample_ids = manifest.samples.loc[manifest.samples["split"] == "train", "sample_id"].to_numpy()[:12]
+    cache = build_cache(model, manifest, ids, mask, sample_ids, tmp_path / "features", batch_size=4,
+                        fingerprint="x")
+    train_head_only(model)
+    cached_batch = next(iter(DataLoader(CachedSegDataset(manifest, cache), batch_size=12, sampler=sample_ids)))
+    live_batch = next(iter(DataLoader(CaptionDataset(manifest, ids, mask, with_target=True), batch_size=12,
+                                      sampler=sample_ids)))
+    cached = cached_loss_fn(model, params.finetune)(cached_batch)
+    live = live_loss_fn(model, params.finetune)(live_batch)
+    assert torch.equal(cached_batch["sample_id"], live_batch["sample_id"])
+    assert float(cached.detach()) == pytest.approx(float(live.detach()), abs=2e-3)
+
+
+def _seg_fit(setup, model, ckpt_dir, epochs, tracker, train_batches=None):
+    params, manifest, tokenizer, ids, mask, spec = setup
+    dataset = CaptionDataset(manifest, ids, mask, with_target=True)
+    split = manifest.samples["split"]
+    train_ids = manifest.samples.loc[split == "train", "sample_id"].to_numpy()
+    val_ids = manifest.samples.loc[split == "val", "sample_id"].to_numpy()
+    sampler = EpochSampler(train_ids, None, seed=3)
+
+    def batches(epoch):
+        sampler.set_epoch(epoch)
+        return DataLoader(dataset, batch_size=16, sampler=sampler)
+
+    optimizer = torch.optim.AdamW(model.trainable_for_finetune(), lr=1e-2)
+    return fit(model=model, optimizer=optimizer, loss_fn=live_loss_fn(model, params.finetune),
+               train_batches=train_batches or batches,
+               val_batches=lambda: DataLoader(dataset, batch_size=16, sampler=val_ids),
+               settings=LoopSettings(epochs=epochs, patience=5, log_every=1, max_val_batches=0),
+               ckpt_dir=ckpt_dir, best_payload=lambda: {"spec": spec, "model": model.state_dict(),
+                                                        "tokenizer": checkpoint.tokenizer_files(tokenizer)},
+               run_fingerprint="same-run", tracker=tracker, train_mode=lambda: train_head_only(model))
+
+
+def test_interrupted_fit_resumes_to_the_same_result(setup, tmp_path):
+    whole = fresh_model(setup[5])
+    result = _seg_fit(setup, whole, tmp_path / "whole", 3, NullTracker())
+
+    interrupted = fresh_model(setup[5])
+    calls = {"n": 0}
+
+    def dying_batches(epoch):
+        calls["n"] += 1
+        if epoch == 2:
+            raise KeyboardInterrupt  # killed in the middle of epoch 2, after epoch 1's checkpoint
+        sampler = EpochSampler(setup[1].samples.loc[setup[1].samples["split"] == "train", "sample_id"].to_numpy(),
+                               None, seed=3)
+        sampler.set_epoch(epoch)
+        return DataLoader(CaptionDataset(setup[1], setup[3], setup[4], with_target=True), batch_size=16,
+                          sampler=sampler)
+
+    with pytest.raises(KeyboardInterrupt):
+        _seg_fit(setup, interrupted, tmp_path / "resumed", 3, NullTracker(), dying_batches)
+    tracker = NullTracker()
+    restarted = fresh_model(setup[5], seed=123)  # weights come from latest.pt, not from the seed
+    resumed = _seg_fit(setup, restarted, tmp_path / "resumed", 3, tracker)
+    assert resumed.resumed_from_epoch == 1
+    assert resumed.best_val_loss == pytest.approx(result.best_val_loss, rel=1e-6)
+    assert [epoch for epoch, _ in tracker.rows] == [1, 2, 3]  # the curve keeps epoch 1 of the first attempt
+    for (name, a), b in zip(whole.state_dict().items(), restarted.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_corrupt_latest_checkpoint_starts_over_with_a_message(setup, tmp_path, caplog):
+    ckpt_dir = tmp_path / "ckpt"
+    ckpt_dir.mkdir()
+    (ckpt_dir / "latest.pt").write_bytes(b"not a checkpoint, half written")
+    with caplog.at_level(logging.WARNING):
+        result = _seg_fit(setup, fresh_model(setup[5]), ckpt_dir, 1, NullTracker())
+    assert result.resumed_from_epoch == 0 and result.epochs_run == 1
+    assert "latest.pt: not a readable checkpoint" in caplog.text and "starting over" in caplog.text
+    with pytest.raises(checkpoint.CheckpointError, match="best.pt"):
+        (ckpt_dir / "best.pt").write_bytes(b"\x00" * 10)
+        checkpoint.load(ckpt_dir / "best.pt")
+
+
+def test_non_finite_loss_names_step_and_samples(setup, tmp_path):
+    params, manifest, tokenizer, ids, mask, spec = setup
+    model = fresh_model(spec)
+    optimizer = torch.optim.AdamW(model.trainable_for_finetune(), lr=1e-3)
+    dataset = CaptionDataset(manifest, ids, mask, with_target=True)
+    sample_ids = manifest.samples["sample_id"].to_numpy()[:8]
+
+    def nan_loss(batch):
+        return torch.tensor(float("nan"))  # e.g. a log of zero somewhere in the loss
+
+    with pytest.raises(NonFiniteLoss, match=r"epoch 1 step 1.*sample ids \[0, 1, 2, 3\]"):
+        fit(model=model, optimizer=optimizer, loss_fn=nan_loss,
+            train_batches=lambda e: DataLoader(dataset, batch_size=4, sampler=sample_ids),
+            val_batches=lambda: DataLoader(dataset, batch_size=4, sampler=sample_ids),
+            settings=LoopSettings(1, 1, 1, 0), ckpt_dir=tmp_path, best_payload=dict, run_fingerprint="f",
+            tracker=NullTracker())
+    assert not (tmp_path / "best.pt").exists()
+
+
+def test_checkpoint_rebuilds_the_model_without_params(setup, tmp_path):
+    params, manifest, tokenizer, ids, mask, spec = setup
+    model = fresh_model(spec)
+    for p in model.parameters():  # move LoRA B off zero so merging has something to fold in
+        p.data.add_(0.01 * torch.randn_like(p))
+    model.eval()
+    checkpoint.save(tmp_path / "best.pt", {"spec": spec, "model": model.state_dict(),
+                                           "tokenizer": checkpoint.tokenizer_files(tokenizer)})
+    rebuilt, rebuilt_tokenizer, rebuilt_spec = model_from_checkpoint(tmp_path / "best.pt")
+    merged, _, _ = model_from_checkpoint(tmp_path / "best.pt", merge=True)
+    images = torch.from_numpy(np.array(manifest.images[:2])).permute(0, 3, 1, 2)
+    assert rebuilt_spec == spec
+    assert rebuilt_tokenizer("the red circle")["input_ids"] == tokenizer("the red circle")["input_ids"]
+    with torch.no_grad():
+        expected = model(images, ids[:2], mask[:2])
+        assert torch.equal(rebuilt.eval()(images, ids[:2], mask[:2]), expected)
+        assert torch.allclose(merged.eval()(images, ids[:2], mask[:2]), expected, atol=1e-4)
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+
+
+def test_one_caption_per_image_sampler(setup):
+    manifest = setup[1]
+    rows = manifest.samples[manifest.samples["split"] == "train"]
+    sampler = EpochSampler(rows["sample_id"].to_numpy(), rows["image_index"].to_numpy(), seed=0,
+                           one_per_image=True)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    images = manifest.samples.loc[first, "image_index"]
+    assert len(first) == len(sampler) == rows["image_index"].nunique() == images.nunique()
+    assert list(sampler) == first  # same epoch, same order (resume-safe)
+    sampler.set_epoch(2)
+    assert list(sampler) != first
