@@ -171,6 +171,7 @@ class PretrainConfig:
     weight_decay: float
     patience: int
     loss: Literal["clip", "sigmoid"]
+    lr_schedule: Literal["constant", "cosine"]
     logit_scale_init: float
     logit_scale_max: float
     max_val_batches: int
@@ -195,6 +196,7 @@ class FinetuneConfig:
     focal_weight: float
     focal_alpha: float
     focal_gamma: float
+    lr_schedule: Literal["constant", "cosine"]
     cache_features: bool
     max_val_batches: int
     log_every: int

@@ -83,7 +83,7 @@ def train_segmentation(model: JurasSigLIP, manifest: Manifest, input_ids: torch.
         model=model, optimizer=optimizer, loss_fn=loss_fn, train_batches=train_batches,
         val_batches=lambda: DataLoader(dataset, batch_size=cfg.batch_size, sampler=val_sampler,
                                        num_workers=cfg.num_workers),
-        settings=LoopSettings(cfg.epochs, cfg.patience, cfg.log_every, cfg.max_val_batches),
+        settings=LoopSettings(cfg.epochs, cfg.patience, cfg.log_every, cfg.max_val_batches, cfg.lr_schedule),
         ckpt_dir=ckpt_dir, best_payload=best_payload, run_fingerprint=run_fingerprint, tracker=tracker,
         train_mode=lambda: train_head_only(model),
     )

@@ -67,7 +67,7 @@ def train_contrastive(model: JurasSigLIP, manifest: Manifest, input_ids: torch.T
     return fit(
         model=model, optimizer=optimizer, loss_fn=loss_fn, train_batches=train_batches,
         val_batches=lambda: loader(val_sampler, drop_last=False),
-        settings=LoopSettings(cfg.epochs, cfg.patience, cfg.log_every, cfg.max_val_batches),
+        settings=LoopSettings(cfg.epochs, cfg.patience, cfg.log_every, cfg.max_val_batches, cfg.lr_schedule),
         ckpt_dir=ckpt_dir, best_payload=best_payload, run_fingerprint=run_fingerprint, tracker=tracker,
         epoch_extras=lambda: {"logit_scale": math.exp(float(model.logit_scale.detach()))},
         after_step=model.clamp_logit_scale_,

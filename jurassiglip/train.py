@@ -43,6 +43,7 @@ class LoopSettings:
     patience: int
     log_every: int
     max_val_batches: int  # 0 = all
+    lr_schedule: str = "constant"  # constant | cosine (decay to 0 over all epochs' steps)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ def fit(
     """
     dev = next(model.parameters()).device
     train_mode = train_mode or model.train
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     latest_path, best_path = ckpt_dir / "latest.pt", ckpt_dir / "best.pt"
     state = TrainState(epoch=0, best_val=math.inf, best_epoch=0, bad_epochs=0, history=[])
     start_val, resumed_from = math.nan, 0
@@ -148,8 +150,8 @@ def fit(
     while state.epoch < settings.epochs and not stopped_early:
         epoch = state.epoch + 1
         train_mode()
-        train_loss = _train_epoch(model, optimizer, loss_fn, train_batches(epoch), epoch, settings.log_every, dev,
-                                  after_step)
+        train_loss = _train_epoch(model, optimizer, loss_fn, train_batches(epoch), epoch, settings, dev, after_step,
+                                  base_lrs)
         val_loss = evaluate_loss(model, loss_fn, val_batches(), settings.max_val_batches)
         row = {"train_loss": train_loss, "val_loss": val_loss, **epoch_extras()}
         state.history.append({"epoch": epoch, **row})
@@ -200,11 +202,26 @@ def evaluate_loss(model: torch.nn.Module, loss_fn: Callable[[dict[str, torch.Ten
     return total / count
 
 
-def _train_epoch(model, optimizer, loss_fn, batches, epoch: int, log_every: int, dev: torch.device,
-                 after_step: Callable[[], None]) -> float:
+def lr_factor(schedule: str, progress: float) -> float:
+    """Multiplier of the base learning rate at `progress` in [0, 1) of all training steps.
+
+    The schedule is a pure function of the position, so a resumed run needs no
+    scheduler state to continue exactly where it stopped.
+    """
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def _train_epoch(model, optimizer, loss_fn, batches, epoch: int, settings: LoopSettings, dev: torch.device,
+                 after_step: Callable[[], None], base_lrs: list[float]) -> float:
     total, count, seen, start = 0.0, 0, 0, time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None)
+    steps = len(bar)
     for step, batch in enumerate(bar, start=1):
+        factor = lr_factor(settings.lr_schedule, ((epoch - 1) * steps + step - 1) / (settings.epochs * steps))
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
         with autocast(dev):
             loss = loss_fn(batch)
         if not torch.isfinite(loss):
@@ -219,10 +236,10 @@ def _train_epoch(model, optimizer, loss_fn, batches, epoch: int, log_every: int,
         total += float(loss.detach()) * n
         count += n
         seen += n
-        if step % log_every == 0:
+        if step % settings.log_every == 0:
             rate = seen / (time.perf_counter() - start)
             lr = optimizer.param_groups[0]["lr"]
-            log.info("epoch %d step %d/%d: loss %.4f lr %.2e %.1f samples/s", epoch, step, len(bar),
+            log.info("epoch %d step %d/%d: loss %.4f lr %.2e %.1f samples/s", epoch, step, steps,
                      total / count, lr, rate)
             bar.set_postfix(loss=f"{total / count:.4f}")
     if count == 0:

@@ -17,7 +17,7 @@ from jurassiglip.data.tokenizer import load_tokenizer, tokenize
 from jurassiglip.features import CachedSegDataset, build_cache
 from jurassiglip.finetuning import cached_loss_fn, live_loss_fn, train_head_only
 from jurassiglip.model.build import build_model, model_from_checkpoint, model_spec
-from jurassiglip.train import LoopSettings, NonFiniteLoss, fit
+from jurassiglip.train import LoopSettings, NonFiniteLoss, fit, lr_factor
 
 
 class NullTracker:
@@ -92,7 +92,7 @@ def test_cached_and_live_paths_give_the_same_loss(setup, tmp_path):
     assert float(cached.detach()) == pytest.approx(float(live.detach()), abs=2e-3)
 
 
-def _seg_fit(setup, model, ckpt_dir, epochs, tracker, train_batches=None):
+def _seg_fit(setup, model, ckpt_dir, epochs, tracker, train_batches=None, schedule="constant"):
     params, manifest, tokenizer, ids, mask, spec = setup
     dataset = CaptionDataset(manifest, ids, mask, with_target=True)
     split = manifest.samples["split"]
@@ -108,15 +108,17 @@ def _seg_fit(setup, model, ckpt_dir, epochs, tracker, train_batches=None):
     return fit(model=model, optimizer=optimizer, loss_fn=live_loss_fn(model, params.finetune),
                train_batches=train_batches or batches,
                val_batches=lambda: DataLoader(dataset, batch_size=16, sampler=val_ids),
-               settings=LoopSettings(epochs=epochs, patience=5, log_every=1, max_val_batches=0),
+               settings=LoopSettings(epochs=epochs, patience=5, log_every=1, max_val_batches=0,
+                                     lr_schedule=schedule),
                ckpt_dir=ckpt_dir, best_payload=lambda: {"spec": spec, "model": model.state_dict(),
                                                         "tokenizer": checkpoint.tokenizer_files(tokenizer)},
                run_fingerprint="same-run", tracker=tracker, train_mode=lambda: train_head_only(model))
 
 
-def test_interrupted_fit_resumes_to_the_same_result(setup, tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_interrupted_fit_resumes_to_the_same_result(setup, tmp_path, schedule):
     whole = fresh_model(setup[5])
-    result = _seg_fit(setup, whole, tmp_path / "whole", 3, NullTracker())
+    result = _seg_fit(setup, whole, tmp_path / "whole", 3, NullTracker(), schedule=schedule)
 
     interrupted = fresh_model(setup[5])
     calls = {"n": 0}
@@ -132,10 +134,10 @@ def test_interrupted_fit_resumes_to_the_same_result(setup, tmp_path):
                           sampler=sampler)
 
     with pytest.raises(KeyboardInterrupt):
-        _seg_fit(setup, interrupted, tmp_path / "resumed", 3, NullTracker(), dying_batches)
+        _seg_fit(setup, interrupted, tmp_path / "resumed", 3, NullTracker(), dying_batches, schedule)
     tracker = NullTracker()
     restarted = fresh_model(setup[5], seed=123)  # weights come from latest.pt, not from the seed
-    resumed = _seg_fit(setup, restarted, tmp_path / "resumed", 3, tracker)
+    resumed = _seg_fit(setup, restarted, tmp_path / "resumed", 3, tracker, schedule=schedule)
     assert resumed.resumed_from_epoch == 1
     assert resumed.best_val_loss == pytest.approx(result.best_val_loss, rel=1e-6)
     assert [epoch for epoch, _ in tracker.rows] == [1, 2, 3]  # the curve keeps epoch 1 of the first attempt
@@ -193,6 +195,13 @@ def test_checkpoint_rebuilds_the_model_without_params(setup, tmp_path):
         assert torch.equal(rebuilt.eval()(images, ids[:2], mask[:2]), expected)
         assert torch.allclose(merged.eval()(images, ids[:2], mask[:2]), expected, atol=1e-4)
     assert not any("lora_" in name for name, _ in merged.named_parameters())
+
+
+def test_cosine_schedule_decays_from_base_to_zero():
+    assert lr_factor("cosine", 0.0) == 1.0
+    assert lr_factor("cosine", 0.5) == pytest.approx(0.5)
+    assert lr_factor("cosine", 0.999) < 1e-4
+    assert lr_factor("constant", 0.7) == 1.0
 
 
 def test_one_caption_per_image_sampler(setup):
