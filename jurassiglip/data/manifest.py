@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from numpy.lib.format import open_memmap
 from PIL import Image
 from tqdm import tqdm
 
+from jurassiglip import atomic
 from jurassiglip.data import masks
 from jurassiglip.data.refs import DataError, ImageInfo, RefDataset, Sample
 
@@ -371,18 +371,6 @@ def _write_manifest(dataset: RefDataset, images_dir: Path, out: Path, size: int,
     return summary
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move tmp to out_dir; a previous out_dir is swapped out first, then deleted."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
-
-
 def build_manifest(
     dataset: RefDataset,
     images_dir: Path | str,
@@ -415,16 +403,8 @@ def build_manifest(
     if not dataset.samples:
         raise DataError("the dataset has no samples to write")
     images_dir, out_dir = Path(images_dir), Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic.atomic_dir(out_dir) as tmp:
         summary = _write_manifest(dataset, images_dir, tmp, image_size, on_bad_image)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("manifest ready at %s: %d samples, %d images", out_dir, summary["n_samples"], summary["n_images"])
     return summary
 

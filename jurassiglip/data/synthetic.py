@@ -20,9 +20,6 @@ import itertools
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -32,6 +29,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
+
+from jurassiglip import atomic
 
 log = logging.getLogger(__name__)
 
@@ -142,17 +141,11 @@ def generate(out_dir: Path, *, seed: int, n_images: dict[str, int], min_objects:
     _check_args(min_objects, max_objects, min_side, max_side, no_target_share, rle_share)
     novel = _parse_combos(novel_combos)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     started = time.perf_counter()
-    try:
+    with atomic.atomic_dir(out_dir) as tmp:
         instances, refs, kinds = _write_dataset(tmp, np.random.default_rng(seed), n_images,
                                                 (min_objects, max_objects), (min_side, max_side),
                                                 refs_per_image, no_target_share, novel, rle_share)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("synthetic: %d images, %d annotations, %d refs (%s) in %.1fs -> %s",
              len(instances["images"]), len(instances["annotations"]), len(refs),
              ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())),
@@ -469,13 +462,3 @@ def _ref(ref_id, sent_ids, image_id, split, file_name, expr, sents, shapes, ann_
 
 def _dump(path, obj):
     path.write_text(json.dumps(obj, separators=(",", ":")), encoding="utf-8")
-
-
-def _replace_dir(tmp, out_dir):
-    """Swap the finished temp folder in; readers never see a half-written dataset."""
-    os.chmod(tmp, 0o755)  # mkdtemp creates 0700
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        out_dir.rename(old)  # a directory cannot be renamed onto a non-empty one
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
