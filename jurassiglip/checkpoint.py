@@ -30,7 +30,16 @@ class CheckpointError(RuntimeError):
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
-    """torch.save through a temporary file + fsync + rename."""
+    """torch.save through a temporary file + fsync + rename.
+
+    A process killed mid-write leaves its temporary sibling behind (never a
+    half-written `path`); the next save of `path` removes it, so it does not
+    end up in DVC's cache with the checkpoints folder.
+    """
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        log.info("removing %s, left by a writer that was killed", stale)
+        stale.unlink(missing_ok=True)
     atomic.write_with(path, lambda tmp: torch.save({"format": FORMAT, **payload}, tmp))
 
 
@@ -76,11 +85,13 @@ class TrainState:
     history: list[dict[str, float]]
 
 
-def load_latest(path: Path, fingerprint: str) -> dict[str, Any] | None:
+def load_latest(path: Path, fingerprint: str, best_path: Path | None = None) -> dict[str, Any] | None:
     """The resumable state in `path` if it exists, is readable and matches `fingerprint`.
 
     A corrupt file or one from other params is reported and ignored (the run
-    starts over); it is never half-used.
+    starts over); it is never half-used. The best checkpoint it refers to
+    (`best_path`, default best.pt beside it) must be readable too: a resumed
+    run that never improves again would otherwise finish with a broken best.pt.
     """
     if not path.exists():
         return None
@@ -92,4 +103,10 @@ def load_latest(path: Path, fingerprint: str) -> dict[str, Any] | None:
     if payload.get("fingerprint") != fingerprint:
         log.info("%s belongs to other params or inputs; starting over", path)
         return None
+    if payload["state"]["best_epoch"] > 0:
+        try:
+            load(best_path or path.with_name("best.pt"))
+        except CheckpointError as err:
+            log.warning("%s; the best weights of %s are lost, starting over", err, path)
+            return None
     return payload

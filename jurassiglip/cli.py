@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jurassiglip.predict import Decision
+
     parser = argparse.ArgumentParser(prog="jurassiglip", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     predict = commands.add_parser("predict", help="segment what each caption refers to in one image")
@@ -32,9 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--checkpoint", type=Path, default=FINETUNE_CHECKPOINTS / "best.pt",
                          help="trained checkpoint (default: %(default)s)")
     predict.add_argument("--out", required=True, type=Path, help="output folder")
-    predict.add_argument("--mask-threshold", type=float, default=0.5, help="foreground probability (default 0.5)")
-    predict.add_argument("--no-target-min-area", type=float, default=0.002,
-                         help="no-target when the mask covers less of the image (default 0.002)")
+    defaults = Decision()  # the same defaults as params.yaml's evaluate section
+    predict.add_argument("--mask-threshold", type=float, default=defaults.mask_threshold,
+                         help="foreground probability (default %(default)s)")
+    predict.add_argument("--no-target-rule", choices=("head", "area"), default=defaults.no_target_rule,
+                         help="head: the learned no-target head decides; area: a mask smaller than "
+                              "--no-target-min-area means no target (default %(default)s)")
+    predict.add_argument("--no-target-threshold", type=float, default=defaults.no_target_threshold,
+                         help="head rule: no-target probability above which a caption is no-target "
+                              "(default %(default)s)")
+    predict.add_argument("--no-target-min-area", type=float, default=defaults.no_target_min_area,
+                         help="area rule: no-target when the mask covers less of the image (default %(default)s)")
     predict.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = parser.parse_args(argv)
     setup_logging()
@@ -49,7 +59,7 @@ def _predict(args: argparse.Namespace) -> int:
     from jurassiglip.predict import Decision, Predictor, read_image
     from jurassiglip.render import overlay_mask
 
-    decision = Decision(args.mask_threshold, args.no_target_min_area)
+    decision = Decision(args.mask_threshold, args.no_target_rule, args.no_target_min_area, args.no_target_threshold)
     predictor = Predictor.from_checkpoint(args.checkpoint, decision, device=args.device)
     image = read_image(args.image)
     results = predictor.predict(image, args.text)
@@ -58,11 +68,12 @@ def _predict(args: argparse.Namespace) -> int:
     lines = []
     for k, result in enumerate(results):
         stem = f"{k:02d}_{_slug(result.text)}"
-        mask_png = Image.fromarray((result.mask * 255).astype(np.uint8), mode="L")
+        mask_png = Image.fromarray(result.mask.astype(np.uint8) * 255, mode="L")  # uint8: images can be huge
         overlay_png = Image.fromarray(overlay_mask(full, result.mask, color=(0, 158, 115)))
         atomic.write_with(args.out / f"{stem}_mask.png", lambda tmp: mask_png.save(tmp, format="PNG"))
         atomic.write_with(args.out / f"{stem}_overlay.png", lambda tmp: overlay_png.save(tmp, format="PNG"))
-        lines.append(json.dumps({"text": result.text, "no_target": result.no_target, "area": round(result.area, 6),
+        lines.append(json.dumps({"text": result.text, "no_target": result.no_target,
+                                 "no_target_prob": round(result.no_target_prob, 6), "area": round(result.area, 6),
                                  "score": round(result.score, 6), "mask": f"{stem}_mask.png",
                                  "overlay": f"{stem}_overlay.png"}))
         log.info("%r: %s, area %.4f, score %.3f", result.text, "no target" if result.no_target else "target",

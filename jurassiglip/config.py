@@ -45,6 +45,8 @@ class DataConfig:
         for name in ("train_split", "val_split"):
             value = getattr(self, name)
             _require(value in self.splits, f"{key}.{name}", value, f"must be one of {key}.splits {self.splits}")
+        _require(self.val_split != self.train_split, f"{key}.val_split", self.val_split,
+                 f"must differ from {key}.train_split: early stopping and the headline metrics need held-out data")
         _require(self.max_refs_per_split >= 0, f"{key}.max_refs_per_split", self.max_refs_per_split, "must be >= 0")
 
 
@@ -62,6 +64,9 @@ class SyntheticConfig:
     rle_share: float
 
     def validate(self, key: str) -> None:
+        from jurassiglip.data.synthetic import COLOURS, SHAPES  # the generator's vocabulary
+
+        _require(self.seed >= 0, f"{key}.seed", self.seed, "must be >= 0")
         for split, n in self.n_images.items():
             _require(n > 0, f"{key}.n_images.{split}", n, "must be > 0")
         _require(1 <= self.min_objects <= self.max_objects, f"{key}.min_objects", self.min_objects,
@@ -73,7 +78,11 @@ class SyntheticConfig:
         _require(0.0 <= self.no_target_share < 1.0, f"{key}.no_target_share", self.no_target_share, "must be in [0, 1)")
         _require(0.0 <= self.rle_share <= 1.0, f"{key}.rle_share", self.rle_share, "must be in [0, 1]")
         for combo in self.novel_combos:
-            _require(len(combo.split()) == 2, f"{key}.novel_combos", combo, "must be '<colour> <shape>'")
+            words = combo.split()
+            _require(len(words) == 2 and words[0] in COLOURS and words[1] in SHAPES, f"{key}.novel_combos", combo,
+                     f"must be '<colour> <shape>' with colour in {list(COLOURS)} and shape in {list(SHAPES)}")
+        _require(len(set(self.novel_combos)) < len(COLOURS) * len(SHAPES), f"{key}.novel_combos", self.novel_combos,
+                 "must leave some colour-shape pairs for the training split")
 
 
 @dataclass(frozen=True)
@@ -147,6 +156,8 @@ class ModelConfig:
         for name in ("image_mean", "image_std"):
             _require(len(getattr(self, name)) == 3, f"{key}.{name}", getattr(self, name), "must hold 3 numbers (RGB)")
         _require(all(s > 0 for s in self.image_std), f"{key}.image_std", self.image_std, "must be > 0")
+        _require(all(0.0 <= m <= 1.0 for m in self.image_mean), f"{key}.image_mean", self.image_mean,
+                 "must be in [0, 1] (pixels are scaled to [0, 1] before normalising)")
 
 
 @dataclass(frozen=True)
@@ -177,12 +188,31 @@ class PretrainConfig:
     max_val_batches: int
     log_every: int
     num_workers: int
+    micro_batch_size: int
 
     def validate(self, key: str) -> None:
         _check_training(self, key)
         _require(self.batch_size >= 2, f"{key}.batch_size", self.batch_size, "must be >= 2 (contrastive negatives)")
         _require(0.0 <= self.logit_scale_init <= self.logit_scale_max, f"{key}.logit_scale_init",
                  self.logit_scale_init, f"must be in [0, {key}.logit_scale_max ({self.logit_scale_max})]")
+        _require(self.micro_batch_size >= 0, f"{key}.micro_batch_size", self.micro_batch_size,
+                 "must be >= 0 (0 = the whole batch at once)")
+        if self.micro_batch_size:
+            _require(self.batch_size % self.micro_batch_size == 0, f"{key}.micro_batch_size", self.micro_batch_size,
+                     f"must divide {key}.batch_size ({self.batch_size})")
+
+    def per_rank_batch(self, world_size: int) -> int:
+        """Samples per step on each of `world_size` ranks (batch_size is the global batch)."""
+        return _per_rank_batch("pretrain", self.batch_size, world_size)
+
+    def per_rank_micro_batch(self, world_size: int) -> int:
+        """Samples per forward pass on each rank: micro_batch_size, or the whole per-rank batch when 0."""
+        batch = self.per_rank_batch(world_size)
+        micro = self.micro_batch_size or batch
+        _require(batch % micro == 0, "pretrain.micro_batch_size", self.micro_batch_size,
+                 f"must divide the per-rank batch {batch} (pretrain.batch_size {self.batch_size} / "
+                 f"{world_size} ranks)")
+        return micro
 
 
 @dataclass(frozen=True)
@@ -196,6 +226,7 @@ class FinetuneConfig:
     focal_weight: float
     focal_alpha: float
     focal_gamma: float
+    no_target_weight: float
     lr_schedule: Literal["constant", "cosine"]
     cache_features: bool
     max_val_batches: int
@@ -204,12 +235,17 @@ class FinetuneConfig:
 
     def validate(self, key: str) -> None:
         _check_training(self, key)
-        _require(self.dice_weight >= 0 and self.focal_weight >= 0, f"{key}.dice_weight",
-                 (self.dice_weight, self.focal_weight), "and focal_weight must be >= 0")
+        for name in ("dice_weight", "focal_weight"):
+            _require(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "must be >= 0")
         _require(self.dice_weight + self.focal_weight > 0, f"{key}.dice_weight", self.dice_weight,
                  "and focal_weight cannot both be 0")
         _require(0.0 <= self.focal_alpha <= 1.0, f"{key}.focal_alpha", self.focal_alpha, "must be in [0, 1]")
         _require(self.focal_gamma >= 0, f"{key}.focal_gamma", self.focal_gamma, "must be >= 0")
+        _require(self.no_target_weight >= 0, f"{key}.no_target_weight", self.no_target_weight, "must be >= 0")
+
+    def per_rank_batch(self, world_size: int) -> int:
+        """Captions per step on each of `world_size` ranks (batch_size is the global batch)."""
+        return _per_rank_batch("finetune", self.batch_size, world_size)
 
 
 @dataclass(frozen=True)
@@ -217,12 +253,14 @@ class EvaluateConfig:
     splits: list[str]
     resolution: str | int
     mask_threshold: float
-    no_target_rule: Literal["area"]
+    no_target_rule: Literal["area", "head"]
     no_target_min_area: float
+    no_target_threshold: float
     batch_size: int
 
     def validate(self, key: str) -> None:
         _require(len(self.splits) > 0, f"{key}.splits", self.splits, "must name at least one split")
+        _require(len(set(self.splits)) == len(self.splits), f"{key}.splits", self.splits, "has duplicates")
         if isinstance(self.resolution, str):
             _require(self.resolution == "original", f"{key}.resolution", self.resolution,
                      "must be 'original' or a positive integer")
@@ -231,6 +269,8 @@ class EvaluateConfig:
         _require(0.0 < self.mask_threshold < 1.0, f"{key}.mask_threshold", self.mask_threshold, "must be in (0, 1)")
         _require(0.0 <= self.no_target_min_area < 1.0, f"{key}.no_target_min_area", self.no_target_min_area,
                  "must be in [0, 1)")
+        _require(0.0 < self.no_target_threshold < 1.0, f"{key}.no_target_threshold", self.no_target_threshold,
+                 "must be in (0, 1)")
         _require(self.batch_size > 0, f"{key}.batch_size", self.batch_size, "must be > 0")
 
 
@@ -254,6 +294,17 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class LauncherConfig:
+    command: str
+
+    def validate(self, key: str) -> None:
+        _require(bool(self.command.strip()), f"{key}.command", self.command,
+                 "must name the program that runs a training stage module (python, or torchrun with its flags)")
+        _require(" -m " not in f" {self.command} ", f"{key}.command", self.command,
+                 "must not contain -m: dvc.yaml appends `-m stages.<name>` itself")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     data: DataConfig
@@ -265,13 +316,20 @@ class Params:
     evaluate: EvaluateConfig
     render: RenderConfig
     tracking: TrackingConfig
+    launcher: LauncherConfig
 
     def validate(self, key: str = "") -> None:
         """Cross-section checks; each section checked its own fields already."""
+        _require(0 <= self.seed < 2**63, "seed", self.seed, "must be in [0, 2**63)")
         for split in self.evaluate.splits:
             _require(split in self.data.splits, "evaluate.splits", split, f"is not built (data.splits {self.data.splits})")
+        if self.evaluate.no_target_rule == "head":
+            _require(self.finetune.no_target_weight > 0, "evaluate.no_target_rule", "head",
+                     "needs a trained no-target head: finetune.no_target_weight is 0")
         _require(self.render.split in self.data.splits, "render.split", self.render.split,
                  f"is not built (data.splits {self.data.splits})")
+        _require(self.render.split in self.evaluate.splits, "render.split", self.render.split,
+                 f"is not evaluated (evaluate.splits {self.evaluate.splits}): the gallery shows evaluated captions")
         if self.data.source == "synthetic":
             for split in self.data.splits:
                 _require(split in self.synthetic.n_images, "data.splits", split,
@@ -280,6 +338,11 @@ class Params:
             for name in ("grefs_path", "instances_path", "images_dir"):
                 path = Path(getattr(self.data, name))
                 _require(path.exists(), f"data.{name}", str(path), "does not exist (data.source is grefcoco)")
+
+    def check_world_size(self, world_size: int) -> None:
+        """The global batches must split evenly over the ranks torchrun started (1 without torchrun)."""
+        self.pretrain.per_rank_micro_batch(world_size)
+        self.finetune.per_rank_batch(world_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -343,6 +406,13 @@ def _check_training(section: Any, key: str) -> None:
     _require(section.patience > 0, f"{key}.patience", section.patience, "must be > 0")
     _require(section.max_val_batches >= 0, f"{key}.max_val_batches", section.max_val_batches, "must be >= 0")
     _require(section.num_workers >= 0, f"{key}.num_workers", section.num_workers, "must be >= 0")
+
+
+def _per_rank_batch(section: str, batch_size: int, world_size: int) -> int:
+    _require(batch_size % world_size == 0, f"{section}.batch_size", batch_size,
+             f"must be divisible by the number of ranks ({world_size}): it is the global batch, "
+             f"each rank takes batch_size / {world_size}")
+    return batch_size // world_size
 
 
 def _build(cls: type, raw: Any, key: str) -> Any:

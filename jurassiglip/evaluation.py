@@ -32,7 +32,7 @@ from jurassiglip.predict import Predictor, upsample_probabilities
 log = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ["sample_id", "ref_id", "sent_id", "image_id", "split", "sentence", "kind", "novel",
-                 "gt_nt", "pred_nt", "I", "U", "IoU", "area",
+                 "gt_nt", "pred_nt", "nt_prob", "I", "U", "IoU", "area",
                  "shuffled_pred_nt", "shuffled_I", "shuffled_U", "shuffled_IoU",
                  "union_I", "union_U", "union_IoU"]
 
@@ -63,8 +63,8 @@ def evaluate_split(predictor: Predictor, manifest: Manifest, split: str, *, reso
         for variant, texts in (("model", [manifest.samples.at[s, "sentence"] for s in ids]),
                                ("shuffled", [shuffled[s] for s in ids])):
             tokens, mask = predictor.encode_texts(texts)
-            logits = predictor.logits(patches[owner], tokens, mask)  # (n, 1, S, S)
-            _score(predictor, manifest, ids, logits, resolution, variant, records)
+            logits, nt_prob = predictor.outputs(patches[owner], tokens, mask)  # (n, 1, S, S), (n,)
+            _score(predictor, manifest, ids, logits, nt_prob, resolution, variant, records)
     table = pd.DataFrame.from_records(records)
     table = table.groupby("sample_id", sort=True).first().reset_index()
     meta = manifest.samples.loc[table["sample_id"], ["ref_id", "sent_id", "image_id", "split", "sentence", "kind",
@@ -73,14 +73,14 @@ def evaluate_split(predictor: Predictor, manifest: Manifest, split: str, *, reso
     return table[TABLE_COLUMNS]
 
 
-def _score(predictor: Predictor, manifest: Manifest, ids: list[int], logits: torch.Tensor, resolution: str | int,
-           variant: str, records: list[dict]) -> None:
+def _score(predictor: Predictor, manifest: Manifest, ids: list[int], logits: torch.Tensor, nt_prob: torch.Tensor,
+           resolution: str | int, variant: str, records: list[dict]) -> None:
     for k, sample_id in enumerate(ids):
         row = manifest.samples.iloc[sample_id]
         gt = _at_resolution(manifest.original_target(sample_id), resolution)
         size = gt.shape
         prob = upsample_probabilities(logits[k:k + 1], size)  # (1, H, W)
-        pred, pred_nt = predictor.decision.masks(prob)
+        pred, pred_nt = predictor.decision.masks(prob, nt_prob[k:k + 1])
         pred_np, pred_nt = pred[0].cpu().numpy(), bool(pred_nt[0])
         gt_nt = bool(row["no_target"])
         i, u = metrics.intersection_union(pred_np, gt, pred_nt, gt_nt)
@@ -88,7 +88,8 @@ def _score(predictor: Predictor, manifest: Manifest, ids: list[int], logits: tor
         if variant == "model":
             union = _at_resolution(manifest.original_objects(int(row["image_index"])), resolution)
             ui, uu = metrics.intersection_union(union, gt, False, gt_nt)
-            records.append({"sample_id": sample_id, "gt_nt": gt_nt, "pred_nt": pred_nt, "I": i, "U": u, "IoU": iou,
+            records.append({"sample_id": sample_id, "gt_nt": gt_nt, "pred_nt": pred_nt,
+                            "nt_prob": float(nt_prob[k]), "I": i, "U": u, "IoU": iou,
                             "area": float(pred_np.mean()), "union_I": ui, "union_U": uu,
                             "union_IoU": float(metrics.sample_iou([ui], [uu], [gt_nt], [False])[0])})
         else:

@@ -109,7 +109,7 @@ def _encode_images(model, manifest: Manifest, image_ids: np.ndarray, batch_size:
         if out is None:
             out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16,
                                             shape=(len(image_ids), *patches.shape[1:]))
-        out[start:start + len(chunk)] = patches.float().cpu().numpy().astype(np.float16)
+        out[start:start + len(chunk)] = _to_fp16(patches, "patch tokens of image_index", chunk)
     return out
 
 
@@ -124,18 +124,39 @@ def _encode_texts(model, input_ids, attention_mask, sample_ids: np.ndarray, batc
                                              shape=(len(sample_ids), *tokens.shape[1:]))
             mask = np.lib.format.open_memmap(folder / "text_mask.npy", mode="w+", dtype=np.bool_,
                                              shape=(len(sample_ids), tokens.shape[1]))
-        text[start:start + len(chunk)] = tokens.float().cpu().numpy().astype(np.float16)
+        text[start:start + len(chunk)] = _to_fp16(tokens, "text tokens of sample_id", chunk.numpy())
         mask[start:start + len(chunk)] = token_mask.bool().cpu().numpy()
     return text, mask
 
 
+class NonFiniteFeatures(FloatingPointError):
+    """Backbone outputs that are NaN/inf or do not fit the cache's fp16; the message names the rows."""
+
+
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504: larger values would be stored as inf
+
+
+def _to_fp16(features: torch.Tensor, what: str, ids: np.ndarray) -> np.ndarray:
+    """(B, ...) features -> fp16 numpy, refusing rows that are non-finite or beyond the fp16 range."""
+    values = features.float().cpu().numpy()  # (B, ...)
+    flat = values.reshape(len(values), -1)
+    bad = ~(np.abs(flat) <= FP16_MAX).all(axis=1)  # NaN compares False, so it counts as bad too
+    if bad.any():
+        raise NonFiniteFeatures(
+            f"feature cache: {what} {np.asarray(ids)[bad].tolist()} are NaN/inf or exceed the fp16 range "
+            f"+-{FP16_MAX:g}; set finetune.cache_features=false to train on live fp32 features, or check the "
+            f"pretrained weights")
+    return values.astype(np.float16)
+
+
 class CachedSegDataset(Dataset):
-    """Stage-2 samples from the cache: patch tokens, text tokens, mask, target."""
+    """Stage-2 samples from the cache: patch tokens, text tokens, mask, target, no-target flag."""
 
     def __init__(self, manifest: Manifest, cache: FeatureCache):
         self.manifest = manifest
         self.cache = cache
         self.image_index = manifest.samples["image_index"].to_numpy()
+        self.no_target = manifest.samples["no_target"].to_numpy(bool)
 
     def __len__(self) -> int:
         return len(self.image_index)
@@ -152,4 +173,5 @@ class CachedSegDataset(Dataset):
             "text": torch.from_numpy(np.array(self.cache.text[sample_row])),           # (L, D) fp16
             "text_mask": torch.from_numpy(np.array(self.cache.text_mask[sample_row])),  # (L,)
             "target": target_tensor(self.manifest, sample_id),                           # (1, S, S)
+            "no_target": torch.tensor(bool(self.no_target[sample_id])),                   # ()
         }

@@ -50,8 +50,9 @@ def image_panel(predictor: Predictor, manifest: Manifest, table: pd.DataFrame, i
     patches = predictor.encode_images(pixels[None])  # (1, N, D)
     captions = [manifest.samples.at[s, "sentence"] for s in sample_ids]
     tokens, mask = predictor.encode_texts(captions)
-    prob = upsample_probabilities(predictor.logits(patches.expand(len(captions), -1, -1), tokens, mask), size)
-    pred, _ = predictor.decision.masks(prob)
+    logits, nt_prob = predictor.outputs(patches.expand(len(captions), -1, -1), tokens, mask)
+    prob = upsample_probabilities(logits, size)
+    pred, _ = predictor.decision.masks(prob, nt_prob)
     rows = []
     for k, sample_id in enumerate(sample_ids):
         result = table.loc[sample_id]

@@ -154,6 +154,11 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, 
     return (alpha_t * (1 - p_t) ** gamma * cross_entropy).mean()
 
 
+def no_target_loss(logits: torch.Tensor, no_target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the no-target head: logits (B,), no_target (B,) 1 for a caption that names nothing."""
+    return F.binary_cross_entropy_with_logits(logits.float(), no_target.float())
+
+
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, *, dice_weight: float, focal_weight: float,
                       alpha: float, gamma: float) -> torch.Tensor:
     """Stage-2 loss: dice_weight x Dice + focal_weight x Focal (the prototype used 1, 1, alpha 0.25, gamma 2).

@@ -1,10 +1,12 @@
 """Inference: a trained checkpoint + an image + captions -> masks and no-target verdicts.
 
-The model outputs mask logits only; the no-target decision is an explicit
-rule on top of them (SPEC §5): a caption is called no-target when its
-predicted foreground covers less than `no_target_min_area` of the image.
-Evaluation, the gallery and the `jurassiglip predict` CLI all go through
-`Predictor`, so they apply the same threshold and rule.
+The model outputs mask logits and a no-target logit per caption. The
+no-target decision is an explicit rule with a threshold (SPEC §5): `head`
+calls a caption no-target when the learned head's probability exceeds
+`no_target_threshold`; `area` when the predicted foreground covers less than
+`no_target_min_area` of the image. Evaluation, the gallery and the
+`jurassiglip predict` CLI all go through `Predictor`, so they apply the same
+threshold and rule.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from jurassiglip.config import EvaluateConfig
 from jurassiglip.data.manifest import to_rgb
 from jurassiglip.data.tokenizer import tokenize
 from jurassiglip.model.build import model_from_checkpoint
@@ -26,18 +29,35 @@ from jurassiglip.model.model import JurasSigLIP
 
 @dataclass(frozen=True)
 class Decision:
-    """Mask threshold and no-target rule (the numbers reported next to the metrics)."""
+    """Mask threshold and no-target rule (the numbers reported next to the metrics).
 
-    mask_threshold: float      # sigmoid probability above which a pixel is foreground
-    no_target_min_area: float  # foreground fraction below which the caption is called no-target
+    The defaults are those of params.yaml's evaluate section (the CLI uses them).
+    """
+
+    mask_threshold: float = 0.4        # sigmoid probability above which a pixel is foreground
+    no_target_rule: str = "head"       # head | area
+    no_target_min_area: float = 0.01   # area rule: foreground fraction below which a caption is no-target
+    no_target_threshold: float = 0.5   # head rule: no-target probability above which a caption is no-target
+
+    def __post_init__(self) -> None:
+        if self.no_target_rule not in ("head", "area"):
+            raise ValueError(f"no-target rule {self.no_target_rule!r}: use 'head' or 'area'")
+
+    @classmethod
+    def from_config(cls, cfg: EvaluateConfig) -> Decision:
+        return cls(cfg.mask_threshold, cfg.no_target_rule, cfg.no_target_min_area, cfg.no_target_threshold)
 
     def describe(self) -> str:
-        return (f"pixel foreground when p > {self.mask_threshold:g}; no-target when the predicted "
-                f"foreground covers < {self.no_target_min_area:g} of the image")
+        rule = (f"no-target when the no-target head gives p > {self.no_target_threshold:g}"
+                if self.no_target_rule == "head" else
+                f"no-target when the predicted foreground covers < {self.no_target_min_area:g} of the image")
+        return f"pixel foreground when p > {self.mask_threshold:g}; {rule}"
 
-    def masks(self, prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """prob (B, H, W) -> binary masks (B, H, W) and no-target verdicts (B,)."""
+    def masks(self, prob: torch.Tensor, no_target_prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """prob (B, H, W) and no-target probabilities (B,) -> binary masks (B, H, W) and verdicts (B,)."""
         mask = prob > self.mask_threshold
+        if self.no_target_rule == "head":
+            return mask, no_target_prob > self.no_target_threshold
         area = mask.flatten(1).float().mean(1)  # (B,)
         return mask, area < self.no_target_min_area
 
@@ -48,6 +68,7 @@ class Prediction:
     mask: np.ndarray   # (H, W) bool at the input image's size
     prob: np.ndarray   # (H, W) float32 foreground probability
     no_target: bool
+    no_target_prob: float  # the no-target head's probability
     area: float        # predicted foreground fraction
     score: float       # mean probability inside the predicted mask (0 when empty)
 
@@ -90,9 +111,12 @@ class Predictor:
         return tokens, mask
 
     @torch.no_grad()
-    def logits(self, patches: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, N, D), (B, L, D), (B, L) -> mask logits (B, 1, S, S) at training size."""
-        return self.model.segment(patches, tokens, mask)
+    def outputs(self, patches: torch.Tensor, tokens: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, D), (B, L, D), (B, L) -> mask logits (B, 1, S, S) at training size and no-target
+        probabilities (B,)."""
+        logits, no_target = self.model.decode(patches, tokens, mask)
+        return logits, torch.sigmoid(no_target.float())
 
     def prepare(self, image: Image.Image | np.ndarray | str | Path) -> tuple[np.ndarray, tuple[int, int]]:
         """Any image (path, PIL of any mode, array) -> uint8 (S, S, 3) and its original (H, W)."""
@@ -112,13 +136,14 @@ class Predictor:
         pixels, (height, width) = self.prepare(image)
         patches = self.encode_images(pixels[None])  # (1, N, D)
         tokens, mask = self.encode_texts(texts)       # (T, L, D), (T, L)
-        logits = self.logits(patches.expand(len(texts), -1, -1), tokens, mask)  # (T, 1, S, S)
+        logits, nt_prob = self.outputs(patches.expand(len(texts), -1, -1), tokens, mask)  # (T, 1, S, S), (T,)
         prob = upsample_probabilities(logits, (height, width))  # (T, H, W)
-        masks, no_target = self.decision.masks(prob)
+        masks, no_target = self.decision.masks(prob, nt_prob)
         out = []
         for i, text in enumerate(texts):
             m, p = masks[i].cpu().numpy(), prob[i].cpu().numpy()
             out.append(Prediction(text=text, mask=m, prob=p.astype(np.float32), no_target=bool(no_target[i]),
+                                  no_target_prob=float(nt_prob[i]),
                                   area=float(m.mean()), score=float(p[m].mean()) if m.any() else 0.0))
         return out
 

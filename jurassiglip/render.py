@@ -125,10 +125,15 @@ def _check_mask(name: str, mask: np.ndarray, shape: tuple[int, int]) -> np.ndarr
 
 
 def _blend(image: np.ndarray, where: np.ndarray, color: RGB, alpha: float) -> np.ndarray:
-    """Alpha-blend ``color`` over ``image`` where ``where`` holds, in place on a copy."""
-    out = image.astype(np.float32)
-    out[where] = (1.0 - alpha) * out[where] + alpha * np.asarray(color, dtype=np.float32)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    """Alpha-blend ``color`` over ``image`` where ``where`` holds, in place on a copy.
+
+    Only the masked pixels go through float: a float copy of a whole
+    8000x8000 image would take 768 MB.
+    """
+    out = image.copy()
+    blended = (1.0 - alpha) * image[where].astype(np.float32) + alpha * np.asarray(color, dtype=np.float32)
+    out[where] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return out
 
 
 def overlay_mask(image: np.ndarray, mask: np.ndarray, color: RGB, alpha: float = 0.5) -> np.ndarray:

@@ -2,17 +2,22 @@
 
 A stage module is `run(params, tracker)` plus `main = entry(NAME, run)`.
 Stage name = module name = output folder `data/<name>/` = MLflow `stage` tag.
+Under torchrun, `main` joins the process group and gives ranks other than 0
+a tracker that records nothing (see distributed.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
+from jurassiglip import distributed
 from jurassiglip.config import PARAMS_FILE, ConfigError, load_params
 
 STAGES = ("build_manifest", "contrastive_pretrain", "seg_finetune", "evaluate", "render_val")
@@ -48,22 +53,40 @@ def setup_logging() -> None:
     )
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def entry(name: str, run: Callable[..., None]) -> Callable[[], None]:
     """Build the `main()` of a stage module: params -> tracker -> run(params, tracker)."""
 
     def main() -> None:
-        from jurassiglip.tracking import Tracker
+        from jurassiglip.tracking import NullTracker, Tracker, TrackingError, record_failure
 
         setup_logging()
-        try:
-            params = load_params(os.environ.get("JURASSIGLIP_PARAMS", PARAMS_FILE))
-        except ConfigError as err:
-            log.error("%s", err)
-            raise SystemExit(2) from None
-        start = time.perf_counter()
-        log.info("%s: start", name)
-        with Tracker.open(name, params, stage_dir(name)) as tracker:
-            run(params, tracker)
-        log.info("%s: done in %.1f s", name, time.perf_counter() - start)
+        with distributed.process_group():  # under torchrun; a no-op otherwise
+            try:
+                params = load_params(os.environ.get("JURASSIGLIP_PARAMS", PARAMS_FILE))
+                params.check_world_size(distributed.world_size())
+            except ConfigError as err:
+                log.error("%s", err)
+                if distributed.is_main():  # a FAILED MLflow run, so e.g. a queued experiment's bad -S shows there
+                    record_failure(name, err)
+                raise SystemExit(2) from None
+            start = time.perf_counter()
+            log.info("%s: start", name)
+            # One MLflow run and one set of DVC files per stage: rank 0's.
+            main_rank = distributed.is_main()
+            tracking = Tracker.open(name, params, stage_dir(name)) if main_rank else nullcontext(NullTracker())
+            try:
+                with tracking as tracker:
+                    run(params, tracker)
+                    seconds = time.perf_counter() - start
+                    tracker.log_resources({"wall_seconds": seconds, "peak_rss_mb": peak_rss_mb()})
+            except TrackingError as err:  # the store cannot take the run: raised before any work
+                log.error("%s", err)
+                raise SystemExit(2) from None
+            log.info("%s: done in %.1f s, peak RSS %.0f MB", name, seconds, peak_rss_mb())
 
     return main

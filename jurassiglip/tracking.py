@@ -11,7 +11,11 @@ one), so the parent run of a pipeline execution is found again through a
 tag: stages with the same pipeline key (git commit, DVC experiment name,
 params.yaml content) join the newest parent that has no run of their own
 stage yet; otherwise they open a new parent. `JURASSIGLIP_PARENT_RUN_ID`
-pins the parent explicitly.
+pins the parent explicitly. The parent carries the same params and tags as
+its stage runs plus a copy of evaluate's final metrics, so that two
+pipelines (baseline and `dvc exp run -S lora.r=16`) compare on their parent
+rows. A stage stopped by invalid params still leaves a FAILED run
+(`record_failure`).
 
 The same `log_metrics` call writes MLflow and the stage's DVC metrics JSON,
 and `log_epoch` writes MLflow steps and the DVC plots CSV, so the two views
@@ -26,6 +30,7 @@ import io
 import json
 import logging
 import os
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -42,10 +47,12 @@ from jurassiglip.config import PARAMS_FILE, Params, flatten
 log = logging.getLogger(__name__)
 
 STORE_NAME = "mlflow.db"
+STORE_LOCK_WAIT = 5.0  # seconds a sqlite write waits for another process's lock (sqlite's default)
 ARTIFACTS_NAME = "mlartifacts"
 EXPS_MARKER = (".dvc", "tmp", "exps")
 PARENT_ENV = "JURASSIGLIP_PARENT_RUN_ID"
 TAG_PREFIX = "jurassiglip."
+SUMMARY_STAGE = "evaluate"  # its final metrics are copied onto the pipeline's parent run
 
 
 def repo_root(start: str | Path | None = None) -> Path:
@@ -98,6 +105,10 @@ def changed_params(current: dict[str, Any], cwd: str | Path | None = None) -> di
     return {k: v for k, v in flat.items() if baseline.get(k, object()) != v}
 
 
+class TrackingError(RuntimeError):
+    """The MLflow store cannot take this stage's run; raised before the stage does any work."""
+
+
 class Tracker:
     """Logging surface of one stage run. Made by `Tracker.open`, never directly."""
 
@@ -108,38 +119,27 @@ class Tracker:
         self.metrics_file = stage_dir / "metrics.json"
         self._metrics: dict[str, Any] = {}
         self._plots: dict[str, list[dict[str, Any]]] = {}
+        self._summary_run: str | None = None  # the parent run, for SUMMARY_STAGE
 
     @classmethod
     @contextmanager
     def open(cls, stage: str, params: Params, stage_dir: Path) -> Iterator[Tracker]:
         """Start the stage's MLflow run under its pipeline parent; FAILED if the body raises."""
-        import mlflow
-        from mlflow.tracking import MlflowClient
-
         uri = tracking_uri()
-        # With the default store, artifacts sit beside it at the root (not in a DVC temp copy).
-        artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (repo_root() / ARTIFACTS_NAME).as_uri()
-        mlflow.set_tracking_uri(uri)
-        client = MlflowClient(uri)
-        experiment_id = _experiment_id(client, params.tracking.experiment, artifacts)
-        tree = params.to_dict()
-        commit = git_commit()
-        exp_name = os.environ.get("DVC_EXP_NAME", "")
-        changed = changed_params(tree)
-        parent_id = _parent_run(client, experiment_id, stage, _pipeline_key(commit, exp_name, tree), exp_name)
-        tags = {
-            "mlflow.parentRunId": parent_id,
-            "mlflow.runName": f"{stage}" + (f" [{exp_name}]" if exp_name else ""),
-            "stage": stage,
-            "git_commit": commit,
-            "dvc_exp_name": exp_name,
-            "params_changed": ", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "baseline",
-        }
-        run = client.create_run(experiment_id, tags=tags)
-        run_id = run.info.run_id
-        _log_params(client, run_id, flatten(tree))
+        try:
+            check_store(uri)
+            client, run_id, parent_id = _start_run(uri, stage, params)
+        except TrackingError:
+            raise
+        except Exception as err:  # MlflowException, sqlalchemy and requests errors alike
+            raise TrackingError(f"MLflow store {uri}: cannot start the {stage} run ({_first_line(err)}); "
+                                f"{_store_hint(uri)}") from err
         stage_dir.mkdir(parents=True, exist_ok=True)
         tracker = cls(client, run_id, stage_dir)
+        if stage == SUMMARY_STAGE:
+            # The runs table shows parent rows first: with params and these metrics on them, two
+            # pipelines compare in two clicks (tick both, Compare).
+            tracker._summary_run = parent_id
         log.info("%s: MLflow run %s (parent %s) in %s", stage, run_id[:8], parent_id[:8], uri)
         try:
             yield tracker
@@ -154,23 +154,40 @@ class Tracker:
         """Final numbers: nested dict -> MLflow (`val/cIoU`) and the DVC metrics JSON (`val.cIoU`)."""
         _merge(self._metrics, metrics)
         self._log_batch(flatten(metrics, sep="/"), step=None)
+        if self._summary_run:
+            self._log_batch(flatten(metrics, sep="/"), step=None, run_id=self._summary_run)
         atomic.write_json(self.metrics_file, self._metrics)
+
+    def log_resources(self, values: dict[str, float]) -> None:
+        """Wall time, peak memory and the like: MLflow only, since they differ between identical runs
+        and would make the DVC metrics file (and `dvc status`) change for no reason."""
+        self._log_batch(values, step=None)
 
     def log_epoch(self, plot: str, epoch: int, values: dict[str, float]) -> None:
         """One row of a per-epoch curve: MLflow metrics at step=epoch and `<stage_dir>/plots/<plot>.csv`."""
         row = {"epoch": epoch, **values}
         self._plots.setdefault(plot, []).append(row)
         self._log_batch(values, step=epoch)
+        self._write_plot(plot)
+
+    def restore_epochs(self, plot: str, rows: list[dict[str, Any]]) -> None:
+        """Re-seed a curve after a resume: the epochs of the first attempt go into this run's MLflow
+        curve and the CSV, which is written now. DVC deletes the CSV before it runs the stage, and a
+        resume may find every epoch done already (e.g. seg_finetune rerun in a `dvc exp run --temp`
+        copy only because the uncached feature cache is missing there)."""
+        self._plots[plot] = list(rows)
+        for row in rows:
+            self._log_batch({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        if rows:
+            self._write_plot(plot)
+
+    def _write_plot(self, plot: str) -> None:
         rows = self._plots[plot]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
         atomic.write_text(self.stage_dir / "plots" / f"{plot}.csv", buffer.getvalue())
-
-    def restore_epochs(self, plot: str, rows: list[dict[str, Any]]) -> None:
-        """Re-seed a curve after a resume so the CSV keeps the epochs of the first attempt."""
-        self._plots[plot] = list(rows)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._client.log_artifact(self.run_id, str(path), artifact_path)
@@ -182,16 +199,152 @@ class Tracker:
         for key, value in tags.items():
             self._client.set_tag(self.run_id, key, str(value))
 
-    def _log_batch(self, values: dict[str, Any], step: int | None) -> None:
+    def _log_batch(self, values: dict[str, Any], step: int | None, run_id: str | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step or 0) for k, v in values.items() if _is_number(v)]
         for i in range(0, len(metrics), 500):
-            self._client.log_batch(self.run_id, metrics=metrics[i:i + 500])
+            self._client.log_batch(run_id or self.run_id, metrics=metrics[i:i + 500])
+
+
+class NullTracker:
+    """Stands in for the Tracker on ranks other than 0 under torchrun: every Tracker method, doing nothing.
+
+    One training stage is one MLflow run and one set of DVC files, written by
+    rank 0; the other ranks run the same stage code and log into this.
+    """
+
+    run_id = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or not callable(getattr(Tracker, name, None)):
+            raise AttributeError(f"Tracker has no method {name!r}")
+        return lambda *args, **kwargs: None
+
+
+def check_store(uri: str) -> None:
+    """Fail fast, naming the file, when a sqlite store cannot take a write.
+
+    MLflow itself would retry opening an unusable sqlite file for about 100 s
+    and then report a bare sqlalchemy error. A write transaction that is rolled
+    back tells a read-only file or folder apart from a store that another
+    process keeps locked; a lock is waited for up to STORE_LOCK_WAIT seconds
+    (sqlite's busy timeout) before giving up. Other stores (a team's server)
+    are checked by their first request.
+
+    Raises:
+        TrackingError: the store cannot be created, written, or locked for writing.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(path, timeout=STORE_LOCK_WAIT, isolation_level=None)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute("CREATE TABLE jurassiglip_write_probe (x INTEGER)")
+            connection.execute("ROLLBACK")
+        finally:
+            connection.close()
+    except (OSError, sqlite3.Error) as err:
+        if "locked" in str(err):
+            why = (f"is locked by another process for more than {STORE_LOCK_WAIT:g} s (another stage, a dvc queue "
+                   "worker, `mlflow ui`?); run queued experiments with `dvc queue start -j 1`")
+        else:
+            why = f"cannot be written ({err}): make the file and its folder writable, or set MLFLOW_TRACKING_URI"
+        raise TrackingError(f"MLflow store {path} {why}") from None
+
+
+def record_failure(stage: str, error: BaseException, params_file: str | Path = PARAMS_FILE) -> str | None:
+    """A FAILED run for a stage that stopped before its run opened (invalid params, typically).
+
+    A `dvc exp run -S` value that params validation rejects would otherwise leave
+    no trace in MLflow, which is where a user looks for the outcome of queued
+    experiments. The run (and its pipeline parent) carries the usual tags, the
+    raw params.yaml flattened, and the message as the tag `error`. Best effort:
+    when the file cannot be parsed or the store cannot be written, a warning is
+    logged and the caller goes on to report the original error.
+
+    Returns:
+        The id of the FAILED run, or None when nothing was recorded.
+    """
+    try:
+        tree = yaml.safe_load(Path(params_file).read_text())
+        experiment = tree["tracking"]["experiment"]
+        uri = tracking_uri()
+        check_store(uri)
+        client, run_id, parent_id = _create_stage_run(uri, stage, str(experiment), tree)
+        client.set_tag(run_id, "error", _first_line(error)[:5000])
+        client.set_terminated(run_id, "FAILED")
+        client.set_terminated(parent_id, "FAILED")
+    except Exception as err:  # a problem here must not hide the error being reported
+        log.warning("%s: could not record the failure in MLflow (%s)", stage, _first_line(err))
+        return None
+    log.info("%s: recorded as FAILED MLflow run %s", stage, run_id[:8])
+    return run_id
 
 
 # -- internals ---------------------------------------------------------------
+
+def _start_run(uri: str, stage: str, params: Params) -> tuple[Any, str, str]:
+    """Create the stage's run under its pipeline parent, with tags and params; (client, run_id, parent_id)."""
+    return _create_stage_run(uri, stage, params.tracking.experiment, params.to_dict())
+
+
+def _create_stage_run(uri: str, stage: str, experiment: str, tree: dict[str, Any]) -> tuple[Any, str, str]:
+    """`_start_run` on a params tree (also an unvalidated one, for `record_failure`)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    artifacts = _artifact_root(uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment_id = _experiment_id(client, experiment, artifacts)
+    commit = git_commit()
+    exp_name = os.environ.get("DVC_EXP_NAME", "")
+    changed = changed_params(tree)
+    shared = {  # on the stage run and on its pipeline parent, so both can be filtered and compared
+        "git_commit": commit,
+        "dvc_exp_name": exp_name,
+        "params_changed": ", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "baseline",
+    }
+    parent_id = _parent_run(client, experiment_id, stage, _pipeline_key(commit, exp_name, tree), exp_name,
+                            shared, flatten(tree))
+    tags = {
+        "mlflow.parentRunId": parent_id,
+        "mlflow.runName": f"{stage}" + (f" [{exp_name}]" if exp_name else ""),
+        "stage": stage,
+        **shared,
+    }
+    run = client.create_run(experiment_id, tags=tags)
+    _log_params(client, run.info.run_id, flatten(tree))
+    return client, run.info.run_id, parent_id
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a sqlite store (the default one at the
+    repository root, or one MLFLOW_TRACKING_URI names), never MLflow's fallback `./mlruns` under
+    the stage's cwd, which for `dvc exp run --temp/--queue` is a copy that DVC deletes; a server
+    (http...) decides for itself (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    store = Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).resolve()
+    return (store.parent / ARTIFACTS_NAME).as_uri()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def _store_hint(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return ("is the tracking server running and reachable? MLFLOW_TRACKING_URI picks the server; "
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT bound MLflow's retries")
+    return "check MLFLOW_TRACKING_URI, or unset it for the sqlite store at the repository root"
+
 
 def _experiment_id(client: Any, name: str, artifact_location: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
@@ -211,7 +364,10 @@ def _pipeline_key(commit: str, exp_name: str, tree: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _parent_run(client: Any, experiment_id: str, stage: str, key: str, exp_name: str) -> str:
+def _parent_run(client: Any, experiment_id: str, stage: str, key: str, exp_name: str,
+                tags: dict[str, str], flat_params: dict[str, Any]) -> str:
+    """The pipeline run this stage joins; a new one carries `tags` and the flattened params
+    (the runs list then shows lora.r etc. on the pipeline rows as well)."""
     pinned = os.environ.get(PARENT_ENV)
     if pinned:
         return pinned
@@ -235,8 +391,9 @@ def _parent_run(client: Any, experiment_id: str, stage: str, key: str, exp_name:
     run = client.create_run(experiment_id, tags={
         f"{TAG_PREFIX}pipeline_key": key,
         "mlflow.runName": name,
-        "dvc_exp_name": exp_name,
+        **tags,
     })
+    _log_params(client, run.info.run_id, flat_params)
     return run.info.run_id
 
 

@@ -4,7 +4,14 @@ Epochs, validation, early stopping on validation loss, best/latest
 checkpoints written atomically, resume from `latest.pt`, bf16 autocast on
 CUDA (fp32 on CPU), one progress line every N steps, and a loud stop on a
 non-finite loss. What a step computes is the caller's business: it passes a
-`loss_fn(batch) -> loss`.
+`loss_fn(batch) -> loss` (validation, and by default training through
+`backward_step`), and may pass its own `train_step(batch) -> loss` that fills
+the gradients itself (stage 1's gradient cache runs several forward and
+backward passes per step).
+
+Under torchrun (see distributed.py) every rank runs this loop on its shard:
+the losses it reports are averaged over ranks, so every rank takes the same
+early-stopping decision, and only rank 0 writes checkpoints, curves and logs.
 """
 
 from __future__ import annotations
@@ -25,12 +32,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from jurassiglip import checkpoint
+from jurassiglip import checkpoint, distributed
 from jurassiglip.checkpoint import TrainState
 
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+
+Batch = dict[str, torch.Tensor]
+# Computes the loss of a batch, fills the trainable parameters' .grad and returns the loss, detached;
+# on a non-finite loss it returns the loss without any backward (fit then stops with NonFiniteLoss).
+TrainStep = Callable[[Batch], torch.Tensor]
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -68,7 +80,8 @@ def seed_everything(seed: int) -> None:
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's GPU (its LOCAL_RANK under torchrun), else the CPU."""
+    return torch.device("cuda", distributed.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def autocast(dev: torch.device):
@@ -94,11 +107,24 @@ def fingerprint(*parts: Any, files: Iterable[Path] = ()) -> str:
     return digest.hexdigest()[:20]
 
 
+def backward_step(loss_fn: Callable[[Batch], torch.Tensor], dev: torch.device) -> TrainStep:
+    """The usual training step: the loss under autocast, then its backward."""
+
+    def step(batch: Batch) -> torch.Tensor:
+        with autocast(dev):
+            loss = loss_fn(batch)
+        if torch.isfinite(loss):
+            loss.backward()
+        return loss.detach()
+
+    return step
+
+
 def fit(
     *,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    loss_fn: Callable[[Batch], torch.Tensor],
     train_batches: Callable[[int], Iterable[dict[str, torch.Tensor]]],
     val_batches: Callable[[], Iterable[dict[str, torch.Tensor]]],
     settings: LoopSettings,
@@ -109,7 +135,8 @@ def fit(
     epoch_extras: Callable[[], dict[str, float]] = dict,
     after_step: Callable[[], None] = lambda: None,
     train_mode: Callable[[], Any] | None = None,
-    is_main: bool = True,
+    train_step: TrainStep | None = None,
+    is_main: bool | None = None,
 ) -> FitResult:
     """Train until `settings.epochs` or early stopping; resume from ckpt_dir/latest.pt when it matches.
 
@@ -122,21 +149,28 @@ def fit(
         after_step: called after every optimizer step (e.g. clamping the logit scale).
         train_mode: puts the model in training mode (default `model.train()`); stage 2
             keeps its frozen towers in eval mode so live and cached features agree.
-        is_main: rank 0 writes checkpoints, curves and logs.
+        train_step: batch -> loss with the gradients filled (default: `backward_step(loss_fn)`).
+        is_main: writes checkpoints and curves (default: rank 0 under torchrun, else True).
     """
     dev = next(model.parameters()).device
     train_mode = train_mode or model.train
+    train_step = train_step or backward_step(loss_fn, dev)
+    is_main = distributed.is_main() if is_main is None else is_main
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     latest_path, best_path = ckpt_dir / "latest.pt", ckpt_dir / "best.pt"
     state = TrainState(epoch=0, best_val=math.inf, best_epoch=0, bad_epochs=0, history=[])
     start_val, resumed_from = math.nan, 0
     resume = checkpoint.load_latest(latest_path, run_fingerprint)
+    distributed.check_same(-1 if resume is None else resume["state"]["epoch"],
+                           f"the epoch to resume from ({latest_path})")
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         state = TrainState(**resume["state"])
         start_val, resumed_from = resume["start_val_loss"], state.epoch
         torch.set_rng_state(resume["torch_rng"])
+        if dev.type == "cuda" and resume.get("cuda_rng") is not None:  # DINOv3's RoPE augmentation draws on the GPU
+            torch.cuda.set_rng_state(resume["cuda_rng"], dev)
         log.info("resuming from %s after epoch %d (best val %.4f at epoch %d)",
                  latest_path, state.epoch, state.best_val, state.best_epoch)
         if is_main:
@@ -150,8 +184,8 @@ def fit(
     while state.epoch < settings.epochs and not stopped_early:
         epoch = state.epoch + 1
         train_mode()
-        train_loss = _train_epoch(model, optimizer, loss_fn, train_batches(epoch), epoch, settings, dev, after_step,
-                                  base_lrs)
+        train_loss = _train_epoch(optimizer, train_step, train_batches(epoch), epoch, settings, after_step, base_lrs,
+                                  is_main)
         val_loss = evaluate_loss(model, loss_fn, val_batches(), settings.max_val_batches)
         row = {"train_loss": train_loss, "val_loss": val_loss, **epoch_extras()}
         state.history.append({"epoch": epoch, **row})
@@ -175,6 +209,7 @@ def fit(
                 "state": asdict(state),
                 "start_val_loss": start_val,
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
                 "fingerprint": run_fingerprint,
             })
     if stopped_early:
@@ -184,9 +219,9 @@ def fit(
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-                  batches: Iterable[dict[str, torch.Tensor]], max_batches: int) -> float:
-    """Mean loss over validation batches (weighted by batch size); leaves the model in eval mode."""
+def evaluate_loss(model: torch.nn.Module, loss_fn: Callable[[Batch], torch.Tensor],
+                  batches: Iterable[Batch], max_batches: int) -> float:
+    """Mean loss over validation batches (weighted by batch size, over all ranks); leaves the model in eval mode."""
     model.eval()
     total, count = 0.0, 0
     dev = next(model.parameters()).device
@@ -195,8 +230,13 @@ def evaluate_loss(model: torch.nn.Module, loss_fn: Callable[[dict[str, torch.Ten
             break
         n = len(batch["sample_id"])
         with autocast(dev):
-            total += float(loss_fn(batch)) * n
+            loss = float(loss_fn(batch))
+        if not math.isfinite(loss):  # else NaN < best is False: no best.pt, and the run would go on silently
+            raise NonFiniteLoss(f"non-finite validation loss {loss} at validation step {i + 1}; "
+                                f"batch sample ids {batch['sample_id'].tolist()}")
+        total += loss * n
         count += n
+    total, count = distributed.all_reduce_sum([total, count])
     if count == 0:
         raise ValueError("validation split gave no batches: check data.val_split and batch sizes")
     return total / count
@@ -213,35 +253,34 @@ def lr_factor(schedule: str, progress: float) -> float:
     return 1.0
 
 
-def _train_epoch(model, optimizer, loss_fn, batches, epoch: int, settings: LoopSettings, dev: torch.device,
-                 after_step: Callable[[], None], base_lrs: list[float]) -> float:
+def _train_epoch(optimizer, train_step: TrainStep, batches, epoch: int, settings: LoopSettings,
+                 after_step: Callable[[], None], base_lrs: list[float], is_main: bool) -> float:
     total, count, seen, start = 0.0, 0, 0, time.perf_counter()
-    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None)
+    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None if is_main else True)
     steps = len(bar)
     for step, batch in enumerate(bar, start=1):
         factor = lr_factor(settings.lr_schedule, ((epoch - 1) * steps + step - 1) / (settings.epochs * steps))
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
-        with autocast(dev):
-            loss = loss_fn(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(batch)
         if not torch.isfinite(loss):
             ids = batch["sample_id"].tolist()
             raise NonFiniteLoss(f"non-finite loss {float(loss)} at epoch {epoch} step {step}; "
                                 f"batch sample ids {ids}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         optimizer.step()
         after_step()
         n = len(batch["sample_id"])
-        total += float(loss.detach()) * n
+        total += float(loss) * n
         count += n
-        seen += n
+        seen += n * distributed.world_size()
         if step % settings.log_every == 0:
             rate = seen / (time.perf_counter() - start)
             lr = optimizer.param_groups[0]["lr"]
             log.info("epoch %d step %d/%d: loss %.4f lr %.2e %.1f samples/s", epoch, step, steps,
                      total / count, lr, rate)
             bar.set_postfix(loss=f"{total / count:.4f}")
+    total, count = distributed.all_reduce_sum([total, count])
     if count == 0:
         raise ValueError(f"epoch {epoch} had no training batches: check data.train_split and the batch size")
     return total / count

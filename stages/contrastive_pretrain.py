@@ -16,7 +16,7 @@ NAME = "contrastive_pretrain"
 def run(params: Params, tracker: Tracker) -> None:
     hub_offline_unless_pretrained(params.model.preset)
     seed_everything(params.seed)
-    manifest = Manifest.load(MANIFEST_DIR)
+    manifest = Manifest.load(MANIFEST_DIR, params.model.arch.image_size, f"model.{params.model.preset}.image_size")
     tokenizer = caption_tokenizer(params.model, TOKENIZER_DIR)
     input_ids, attention_mask = tokenize(tokenizer, manifest.samples["sentence"].tolist(),
                                          params.model.arch.text_max_len)

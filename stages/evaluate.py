@@ -17,9 +17,10 @@ NAME = "evaluate"
 def run(params: Params, tracker: Tracker) -> None:
     cfg = params.evaluate
     seed_everything(params.seed)
-    decision = Decision(cfg.mask_threshold, cfg.no_target_min_area)
-    predictor = Predictor.from_checkpoint(FINETUNE_CHECKPOINTS / "best.pt", decision)
-    manifest = Manifest.load(MANIFEST_DIR)
+    decision = Decision.from_config(cfg)
+    best = FINETUNE_CHECKPOINTS / "best.pt"
+    predictor = Predictor.from_checkpoint(best, decision)
+    manifest = Manifest.load(MANIFEST_DIR, predictor.image_size, f"the image_size of {best}")
     tracker.set_tags({"no_target_rule": decision.describe(), "eval_resolution": cfg.resolution})
     tables = []
     for split in cfg.splits:
@@ -30,7 +31,8 @@ def run(params: Params, tracker: Tracker) -> None:
     samples = pd.concat(tables, ignore_index=True)
     atomic.write_with(EVALUATE_DIR / "samples.parquet", lambda tmp: samples.to_parquet(tmp, index=False))
     atomic.write_with(EVALUATE_DIR / "samples.csv", lambda tmp: samples.to_csv(tmp, index=False))
-    tracker.log_metrics({"mask_threshold": cfg.mask_threshold, "no_target_min_area": cfg.no_target_min_area})
+    tracker.log_metrics({"mask_threshold": cfg.mask_threshold, "no_target_min_area": cfg.no_target_min_area,
+                         "no_target_threshold": cfg.no_target_threshold})
     tracker.log_artifact(EVALUATE_DIR / "samples.parquet")
     tracker.log_artifact(EVALUATE_DIR / "samples.csv")
 

@@ -18,9 +18,10 @@ NAME = "render_val"
 
 def run(params: Params, tracker: Tracker) -> None:
     cfg = params.render
-    decision = Decision(params.evaluate.mask_threshold, params.evaluate.no_target_min_area)
-    predictor = Predictor.from_checkpoint(FINETUNE_CHECKPOINTS / "best.pt", decision)
-    manifest = Manifest.load(MANIFEST_DIR)
+    decision = Decision.from_config(params.evaluate)
+    best = FINETUNE_CHECKPOINTS / "best.pt"
+    predictor = Predictor.from_checkpoint(best, decision)
+    manifest = Manifest.load(MANIFEST_DIR, predictor.image_size, f"the image_size of {best}")
     table = pd.read_parquet(EVALUATE_DIR / "samples.parquet").set_index("sample_id", drop=False)
     split_rows = manifest.samples[manifest.samples["split"] == cfg.split]
     split_rows = split_rows[split_rows["sample_id"].isin(table.index)]

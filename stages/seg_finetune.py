@@ -18,7 +18,7 @@ def run(params: Params, tracker: Tracker) -> None:
     pretrained = PRETRAIN_CHECKPOINTS / "best.pt"
     model, tokenizer, spec = model_from_checkpoint(pretrained)
     model = model.to(device())
-    manifest = Manifest.load(MANIFEST_DIR)
+    manifest = Manifest.load(MANIFEST_DIR, spec["arch"]["image_size"], f"the image_size of {pretrained}")
     input_ids, attention_mask = tokenize(tokenizer, manifest.samples["sentence"].tolist(), spec["arch"]["text_max_len"])
     tokenizer_blob = checkpoint.tokenizer_files(tokenizer)
     upstream = [pretrained, MANIFEST_DIR / "samples.parquet"]

@@ -32,7 +32,7 @@ def _error(params_dict: dict) -> str:
 
 
 @pytest.mark.parametrize("section", ["data", "synthetic", "model", "lora", "pretrain", "finetune", "evaluate",
-                                     "render", "tracking"])
+                                     "render", "tracking", "launcher"])
 def test_unknown_and_missing_keys_named(params_dict, section):
     broken = copy.deepcopy(params_dict)
     broken[section]["surprise"] = 1
@@ -59,6 +59,9 @@ def test_unknown_and_missing_keys_named(params_dict, section):
     ("evaluate.resolution", "native", "evaluate.resolution = 'native'"),
     ("evaluate.resolution", -5, "evaluate.resolution = -5"),
     ("evaluate.mask_threshold", 1.0, "evaluate.mask_threshold = 1.0"),
+    ("evaluate.no_target_rule", "size", "evaluate.no_target_rule = 'size' must be one of"),
+    ("evaluate.no_target_threshold", 0.0, "evaluate.no_target_threshold = 0.0 must be in (0, 1)"),
+    ("finetune.no_target_weight", -1.0, "finetune.no_target_weight = -1.0 must be >= 0"),
     ("evaluate.splits", ["val", "testA"], "evaluate.splits = 'testA' is not built"),
     ("render.n_images", 0, "render.n_images = 0"),
     ("synthetic.min_objects", 9, "synthetic.min_objects = 9"),
@@ -69,6 +72,12 @@ def test_unknown_and_missing_keys_named(params_dict, section):
     ("model.real.text_max_len", 0, "model.real.text_max_len = 0 must be > 0"),
     ("model.image_std", [0.2, 0.2], "model.image_std = [0.2, 0.2] must hold 3 numbers"),
     ("tracking.experiment", " ", "tracking.experiment"),
+    ("pretrain.micro_batch_size", -1, "pretrain.micro_batch_size = -1 must be >= 0"),
+    ("pretrain.micro_batch_size", 24, "pretrain.micro_batch_size = 24 must divide pretrain.batch_size (64)"),
+    ("pretrain.micro_batch_size", 2.0, "pretrain.micro_batch_size = 2.0 must be an integer"),
+    ("launcher.command", "", "launcher.command = '' must name the program"),
+    ("launcher.command", "python -m", "launcher.command = 'python -m' must not contain -m"),
+    ("launcher.command", 2, "launcher.command = 2 must be a string"),
 ])
 def test_bad_values_named(params_dict, key, value, fragment):
     *path, leaf = key.split(".")
@@ -77,6 +86,14 @@ def test_bad_values_named(params_dict, key, value, fragment):
         node = node[part]
     node[leaf] = value
     assert fragment in _error(params_dict)
+
+
+def test_head_rule_needs_a_trained_head(params_dict):
+    params_dict["evaluate"]["no_target_rule"] = "head"
+    params_dict["finetune"]["no_target_weight"] = 0.0
+    assert "evaluate.no_target_rule = 'head' needs a trained no-target head" in _error(params_dict)
+    params_dict["evaluate"]["no_target_rule"] = "area"
+    assert params_from_dict(params_dict).evaluate.no_target_rule == "area"
 
 
 def test_grefcoco_paths_must_exist(params_dict, tmp_path):
@@ -97,3 +114,26 @@ def test_load_params_names_the_file(tmp_path, params_dict):
         load_params(path)
     with pytest.raises(ConfigError, match="file not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_launcher_and_micro_batch_defaults(params_dict):
+    params = params_from_dict(params_dict)
+    assert params.launcher.command == "python"  # dvc.yaml runs `${launcher.command} -m stages.<name>`
+    assert params.pretrain.micro_batch_size == 0
+    assert params.pretrain.per_rank_micro_batch(1) == params.pretrain.batch_size  # 0 = the whole batch
+    params_dict["launcher"]["command"] = "torchrun --nnodes=2 --nproc_per_node=8 --rdzv-endpoint=head:29400"
+    assert params_from_dict(params_dict).launcher.command.startswith("torchrun")
+
+
+def test_global_batches_must_split_over_the_ranks(params_dict):
+    params_dict["pretrain"].update(batch_size=48, micro_batch_size=8)
+    params = params_from_dict(params_dict)
+    params.check_world_size(2)
+    assert params.pretrain.per_rank_batch(2) == 24 and params.pretrain.per_rank_micro_batch(2) == 8
+    assert params.finetune.per_rank_batch(2) == params_dict["finetune"]["batch_size"] // 2
+    with pytest.raises(ConfigError, match=r"finetune.batch_size = 64 must be divisible by the number of ranks \(3\)"):
+        params.check_world_size(3)
+    with pytest.raises(ConfigError, match=r"pretrain.micro_batch_size = 8 must divide the per-rank batch 12"):
+        params.check_world_size(4)
+    with pytest.raises(ConfigError, match=r"pretrain.batch_size = 48 must be divisible by the number of ranks \(5\)"):
+        params.check_world_size(5)

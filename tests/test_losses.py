@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jurassiglip.losses import clip_loss, dice_loss, focal_loss, sigmoid_loss
+from jurassiglip.losses import clip_loss, dice_loss, focal_loss, no_target_loss, sigmoid_loss
 
 
 def softplus(x):
@@ -193,3 +193,11 @@ def test_focal_is_mean_over_pixels_and_reduces_to_weighted_bce():
     torch.testing.assert_close(
         focal_loss(logits, target, alpha=0.5, gamma=0.0), 0.5 * F.binary_cross_entropy_with_logits(logits, target)
     )
+
+
+def test_no_target_loss_is_binary_cross_entropy_by_hand():
+    # logit 0 -> p = 0.5 -> -log 0.5 for either label; logit ln 3 -> p = 0.75 -> -log 0.75 for label 1
+    logits = torch.tensor([0.0, math.log(3.0)])
+    labels = torch.tensor([False, True])
+    expected = (math.log(2.0) - math.log(0.75)) / 2
+    assert no_target_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)

@@ -32,7 +32,7 @@ def ckpt(micro_data, micro_params, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(ckpt):
-    return Predictor.from_checkpoint(ckpt, Decision(0.5, 0.002), device="cpu")
+    return Predictor.from_checkpoint(ckpt, Decision(0.5, "area", 0.002), device="cpu")
 
 
 @pytest.mark.parametrize("mode", ["1", "L", "P", "RGB", "RGBA", "CMYK", "I;16"])
@@ -65,11 +65,11 @@ def test_bad_inputs_are_refused_clearly(predictor, tmp_path):
 
 def test_missing_or_foreign_checkpoint(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="nope.pt: checkpoint not found"):
-        Predictor.from_checkpoint(tmp_path / "nope.pt", Decision(0.5, 0.002))
+        Predictor.from_checkpoint(tmp_path / "nope.pt", Decision(0.5, "area", 0.002))
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     with pytest.raises(checkpoint.CheckpointError, match="foreign.pt: not a jurassiglip checkpoint"):
-        Predictor.from_checkpoint(foreign, Decision(0.5, 0.002))
+        Predictor.from_checkpoint(foreign, Decision(0.5, "area", 0.002))
 
 
 def test_cli_writes_mask_overlay_and_json_per_caption(ckpt, tmp_path):
@@ -92,3 +92,36 @@ def test_cli_reports_errors_with_exit_code(ckpt, tmp_path, caplog):
     code = cli(["predict", "--image", str(tmp_path / "none.png"), "--text", "x", "--checkpoint", str(ckpt),
                 "--out", str(tmp_path / "o")])
     assert code == 2 and "none.png: image not found" in caplog.text
+
+
+def test_decision_rules():
+    prob = torch.zeros(2, 10, 10)
+    prob[0, :5, :5] = 0.9  # 25 % of the image is foreground
+    prob[1, 0, 0] = 0.9   # 1 %
+    nt_prob = torch.tensor([0.8, 0.2])
+    masks, by_head = Decision(0.5, "head", no_target_threshold=0.5).masks(prob, nt_prob)
+    assert by_head.tolist() == [True, False]  # the head's word, whatever the area
+    assert masks.flatten(1).sum(1).tolist() == [25, 1]
+    _, by_area = Decision(0.5, "area", no_target_min_area=0.02).masks(prob, nt_prob)
+    assert by_area.tolist() == [False, True]  # 1 % < 2 %
+    with pytest.raises(ValueError, match="'size'"):
+        Decision(0.5, "size")
+
+
+def test_cli_rule_flags_reach_the_verdict(ckpt, tmp_path):
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (24, 24), (10, 10, 200)).save(image)
+    verdicts = {}
+    for threshold in ("0.001", "0.999"):  # the untrained head's probability lies between the two
+        out = tmp_path / threshold
+        assert cli(["predict", "--image", str(image), "--text", "the blue square", "--checkpoint", str(ckpt),
+                    "--no-target-rule", "head", "--no-target-threshold", threshold, "--out", str(out)]) == 0
+        (line,) = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+        assert 0.001 < line["no_target_prob"] < 0.999
+        verdicts[threshold] = line["no_target"]
+    assert verdicts == {"0.001": True, "0.999": False}
+
+
+def test_decision_defaults_are_the_repository_params(params_dict):
+    """`jurassiglip predict` without flags decides as `dvc repro` evaluates."""
+    assert Decision() == Decision.from_config(params_from_dict(params_dict).evaluate)

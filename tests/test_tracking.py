@@ -92,3 +92,55 @@ def test_artifacts_land_beside_the_store(repo, params_dict):
         tracker.log_artifact(picture, "gallery")
     stored = list((repo / "mlartifacts").rglob("x.txt"))
     assert len(stored) == 1 and stored[0].read_text() == "hello"
+
+
+def test_resumed_curve_is_in_the_new_run_and_the_csv_before_any_new_epoch(repo, params_dict):
+    # DVC deletes plots/loss.csv before it reruns a stage; a resume that finds every epoch done
+    # must still leave the file (and the run's curve) complete.
+    params = params_from_dict(params_dict)
+    rows = [{"epoch": 1, "train_loss": 2.0, "val_loss": 1.5}, {"epoch": 2, "train_loss": 1.0, "val_loss": 1.25}]
+    with Tracker.open("seg_finetune", params, repo / "data" / "seg_finetune") as tracker:
+        tracker.restore_epochs("loss", rows)
+        run_id = tracker.run_id
+    csv = (repo / "data" / "seg_finetune" / "plots" / "loss.csv").read_text().splitlines()
+    assert csv == ["epoch,train_loss,val_loss", "1,2.0,1.5", "2,1.0,1.25"]
+    history = MlflowClient(tracking_uri()).get_metric_history(run_id, "val_loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.5), (2, 1.25)]
+
+
+def test_stage_stopped_by_invalid_params_is_a_failed_run(repo, params_dict):
+    import yaml
+
+    from jurassiglip.config import ConfigError
+    from jurassiglip.tracking import record_failure
+
+    params_dict["lora"]["r"] = -1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params_dict))
+    run_id = record_failure("contrastive_pretrain", ConfigError("lora.r = -1 must be > 0"), repo / "params.yaml")
+    client = MlflowClient(tracking_uri())
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["stage"] == "contrastive_pretrain"
+    assert run.data.tags["error"] == "ConfigError: lora.r = -1 must be > 0"
+    assert run.data.params["lora.r"] == "-1"
+    assert client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
+
+
+def test_failure_record_gives_up_quietly_on_an_unreadable_params_file(repo):
+    from jurassiglip.tracking import record_failure
+
+    (repo / "params.yaml").write_text("lora: [unclosed\n")
+    assert record_failure("evaluate", ValueError("x"), repo / "params.yaml") is None
+
+
+def test_sqlite_store_named_by_env_keeps_artifacts_beside_it(repo, params_dict, monkeypatch, tmp_path_factory):
+    # not under the stage's cwd, which for `dvc exp run --temp/--queue` is a copy DVC deletes afterwards
+    other = tmp_path_factory.mktemp("team_store")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}/team.db")
+    picture = repo / "x.txt"
+    picture.write_text("hello")
+    with Tracker.open("render_val", params_from_dict(params_dict), repo / "data" / "render_val") as t:
+        t.log_artifact(picture, "gallery")
+    assert (other / "team.db").is_file()
+    assert [p.read_text() for p in (other / "mlartifacts").rglob("x.txt")] == ["hello"]
+    assert not (repo / "mlruns").exists() and not (repo / "mlartifacts").exists()

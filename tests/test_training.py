@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -92,6 +93,27 @@ def test_cached_and_live_paths_give_the_same_loss(setup, tmp_path):
     assert float(cached.detach()) == pytest.approx(float(live.detach()), abs=2e-3)
 
 
+def test_stage2_loss_adds_the_weighted_no_target_term(setup, tmp_path):
+    params, manifest, _, ids, mask, spec = setup
+    model = fresh_model(spec)
+    train_head_only(model)
+    samples = manifest.samples[manifest.samples["split"] == "train"]
+    # a batch holding both kinds of caption, so the no-target term sees both labels
+    sample_ids = np.concatenate([samples.loc[samples["no_target"], "sample_id"].to_numpy()[:3],
+                                 samples.loc[~samples["no_target"], "sample_id"].to_numpy()[:5]])
+    batch = next(iter(DataLoader(CaptionDataset(manifest, ids, mask, with_target=True), batch_size=8,
+                                 sampler=sample_ids)))
+    assert batch["no_target"].tolist() == [True] * 3 + [False] * 5
+    without = live_loss_fn(model, dataclasses.replace(params.finetune, no_target_weight=0.0))(batch)
+    weighted = live_loss_fn(model, dataclasses.replace(params.finetune, no_target_weight=2.5))(batch)
+    with torch.no_grad():
+        patches, _ = model.encode_image(batch["image"])
+        tokens, text_mask, _ = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        _, nt_logits = model.decode(patches, tokens, text_mask)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(nt_logits, batch["no_target"].float())
+    assert float((weighted - without).detach()) == pytest.approx(2.5 * float(bce), rel=1e-5)
+
+
 def _seg_fit(setup, model, ckpt_dir, epochs, tracker, train_batches=None, schedule="constant"):
     params, manifest, tokenizer, ids, mask, spec = setup
     dataset = CaptionDataset(manifest, ids, mask, with_target=True)
@@ -165,8 +187,8 @@ def test_non_finite_loss_names_step_and_samples(setup, tmp_path):
     dataset = CaptionDataset(manifest, ids, mask, with_target=True)
     sample_ids = manifest.samples["sample_id"].to_numpy()[:8]
 
-    def nan_loss(batch):
-        return torch.tensor(float("nan"))  # e.g. a log of zero somewhere in the loss
+    def nan_loss(batch):  # e.g. a log of zero somewhere in the loss; validation (no grad) stays finite
+        return torch.tensor(float("nan") if torch.is_grad_enabled() else 1.0)
 
     with pytest.raises(NonFiniteLoss, match=r"epoch 1 step 1.*sample ids \[0, 1, 2, 3\]"):
         fit(model=model, optimizer=optimizer, loss_fn=nan_loss,

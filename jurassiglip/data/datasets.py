@@ -7,7 +7,9 @@ JPEG is opened and no polygon decoded here.
 
 Samplers are seeded per epoch (seed, epoch), so a run resumed at an epoch
 boundary sees exactly the batches an uninterrupted run would have seen, and
-under DDP each rank takes its own slice of the same permutation.
+under DDP each rank takes its own slice of the same permutation: every
+world_size-th sample, so that batch k of all ranks together holds exactly
+the samples of batch k of a single process with the global batch size.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from jurassiglip.data.manifest import Manifest
 
 
 class CaptionDataset(Dataset):
-    """(image, caption tokens[, target mask]) per sample, straight from the manifest.
+    """(image, caption tokens[, target mask and no-target flag]) per sample, straight from the manifest.
 
     Args:
         manifest: the loaded manifest.
         input_ids, attention_mask: (n_samples, L) tokens of every manifest row.
-        with_target: also return the training-size target mask.
+        with_target: also return the training-size target mask and the no-target flag.
     """
 
     def __init__(self, manifest: Manifest, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -37,6 +39,7 @@ class CaptionDataset(Dataset):
         self.attention_mask = attention_mask
         self.image_index = manifest.samples["image_index"].to_numpy()
         self.with_target = with_target
+        self.no_target = manifest.samples["no_target"].to_numpy(bool)
 
     def __len__(self) -> int:
         return len(self.image_index)
@@ -53,6 +56,7 @@ class CaptionDataset(Dataset):
         }
         if self.with_target:
             item["target"] = target_tensor(self.manifest, sample_id)
+            item["no_target"] = torch.tensor(bool(self.no_target[sample_id]))
         return item
 
 
@@ -74,7 +78,8 @@ class EpochSampler(Sampler[int]):
         image_index: image of every candidate (same length), for one_per_image.
         seed: base seed; the epoch is mixed in by `set_epoch`.
         shuffle: False gives a fixed order (validation).
-        rank, world_size: DDP slice; every rank gets the same number of items.
+        rank, world_size: DDP slice, items rank, rank + world_size, ... of the epoch's order;
+            every rank gets the same number of items (the last len % world_size are left out).
     """
 
     def __init__(self, sample_ids: Sequence[int], image_index: Sequence[int] | None, *, seed: int,
@@ -102,8 +107,10 @@ class EpochSampler(Sampler[int]):
             ids = np.sort(ids[order[first]])
         if self.shuffle:
             ids = ids[rng.permutation(len(ids))]
+        if self.world_size == 1:
+            return ids
         per_rank = len(ids) // self.world_size
-        return ids[self.rank * per_rank:(self.rank + 1) * per_rank] if self.world_size > 1 else ids
+        return ids[:per_rank * self.world_size][self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._epoch_ids().tolist())

@@ -493,12 +493,18 @@ class Manifest:
     object_bits: np.ndarray  # uint8 (n_images, ceil(S*S/8))
 
     @classmethod
-    def load(cls, root: Path | str) -> "Manifest":
+    def load(cls, root: Path | str, image_size: int | None = None, size_from: str = "the model") -> "Manifest":
         """Open and validate a manifest directory.
 
+        Args:
+            image_size: the side S the caller's model takes, if it must match (a
+                manifest built for another size would train on the wrong masks).
+            size_from: where `image_size` comes from, for the message (e.g. a params key).
+
         Raises:
-            DataError: a missing file, column or dtype, or tables and arrays out
-                of sync; the message names the file and the column or shape.
+            DataError: a missing file, column or dtype, tables and arrays out of
+                sync, or images of another size; the message names the file and
+                the column or shape.
         """
         root = Path(root)
         samples = _read_table(root / SAMPLES_FILE, SAMPLE_COLUMNS)
@@ -507,6 +513,9 @@ class Manifest:
         if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[3] != 3:
             raise DataError(f"{root / IMAGES_FILE}: shape {images.shape}, expected (n_images, S, S, 3)")
         size = int(images.shape[1])
+        if image_size is not None and size != image_size:
+            raise DataError(f"{root / IMAGES_FILE}: images are {size}x{size} but {size_from} is {image_size}: "
+                            f"the manifest is stale, rebuild it (dvc repro build_manifest)")
         packed = (masks.packed_length(size),)
         target_bits = _load_array(root / MASKS_FILE, len(samples), SAMPLES_FILE, packed)
         object_bits = _load_array(root / IMAGE_MASKS_FILE, len(images_table), IMAGES_TABLE_FILE, packed)

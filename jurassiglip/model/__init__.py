@@ -15,11 +15,11 @@ Shape legend, used in the `# (...)` comments of every module here:
     h    attention heads; hd = inner_dim / h, the width of one head
 
 Files, in reading order: towers.py (backbones -> tokens), lora.py (adapters),
-fusion.py (cross-attention), head.py (mask logits), model.py (composition).
+fusion.py (cross-attention), head.py (mask and no-target logits), model.py (composition).
 """
 
 from jurassiglip.model.fusion import CrossAttention
-from jurassiglip.model.head import SegHead
+from jurassiglip.model.head import NoTargetHead, SegHead
 from jurassiglip.model.lora import add_lora, merge_lora
 from jurassiglip.model.model import JurasSigLIP
 from jurassiglip.model.towers import (
@@ -34,6 +34,7 @@ from jurassiglip.model.towers import (
 __all__ = [
     "CrossAttention",
     "JurasSigLIP",
+    "NoTargetHead",
     "SegHead",
     "TextTower",
     "VisionTower",

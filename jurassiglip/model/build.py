@@ -19,7 +19,7 @@ import torch
 from jurassiglip import checkpoint
 from jurassiglip.config import Params
 from jurassiglip.model.fusion import CrossAttention
-from jurassiglip.model.head import SegHead
+from jurassiglip.model.head import NoTargetHead, SegHead
 from jurassiglip.model.lora import add_lora
 from jurassiglip.model.model import JurasSigLIP
 from jurassiglip.model.towers import (TextTower, VisionTower, load_pretrained_text, load_pretrained_vision,
@@ -68,14 +68,19 @@ def build_model(spec: dict[str, Any], *, lora: bool = True) -> JurasSigLIP:
         check_pretrained_fit(vision_backbone.config, text_backbone.config, arch)
     if lora:
         cfg = spec["lora"]
-        vision_backbone, vision_names = add_lora(vision_backbone, cfg["r"], cfg["alpha"], cfg["dropout"], cfg["targets"])
-        text_backbone, text_names = add_lora(text_backbone, cfg["r"], cfg["alpha"], cfg["dropout"], cfg["targets"])
+        try:
+            vision_backbone, vision_names = add_lora(vision_backbone, cfg["r"], cfg["alpha"], cfg["dropout"],
+                                                     cfg["targets"])
+            text_backbone, text_names = add_lora(text_backbone, cfg["r"], cfg["alpha"], cfg["dropout"], cfg["targets"])
+        except ValueError as err:
+            raise ValueError(f"lora.targets = {cfg['targets']!r}: {err}") from None
         log.info("LoRA r=%d alpha=%g on vision %s and text %s", cfg["r"], cfg["alpha"], vision_names, text_names)
     vision = VisionTower(vision_backbone, spec["image_mean"], spec["image_std"])
     text = TextTower(text_backbone, arch["shared_dim"])
     fusion = CrossAttention(dim=arch["shared_dim"], inner_dim=arch["fusion_inner_dim"], heads=arch["fusion_heads"])
     head = SegHead(dim=arch["shared_dim"], hidden=arch["head_hidden"])
-    return JurasSigLIP(vision, text, fusion, head, logit_scale_init=spec["logit_scale_init"],
+    no_target = NoTargetHead(dim=arch["shared_dim"], hidden=arch["head_hidden"])
+    return JurasSigLIP(vision, text, fusion, head, no_target, logit_scale_init=spec["logit_scale_init"],
                        logit_scale_max=spec["logit_scale_max"], image_size=arch["image_size"])
 
 

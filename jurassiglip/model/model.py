@@ -6,9 +6,11 @@ Data flow (see the shape legend in `jurassiglip.model`):
     ids, mask (B, L)    -> TextTower   -> tokens (B, L, D), mask (B, L), global (B, D)
     fused = patches + CrossAttention(patches, tokens, mask)            (B, N, D)
     logits = SegHead(fused, grid, S)                                   (B, 1, S, S)
+    no_target_logit = NoTargetHead(fused)                              (B,)
 
 Stage 1 aligns normalised CLS and global text features (`contrastive_features`);
-stage 2 trains fusion and head on frozen, possibly cached, features (`segment`).
+stage 2 trains fusion and both heads on frozen, possibly cached, features
+(`decode`; `segment` when only the mask is wanted).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from peft import PeftModel
 from torch import nn
 
 from jurassiglip.model.fusion import CrossAttention
-from jurassiglip.model.head import SegHead
+from jurassiglip.model.head import NoTargetHead, SegHead
 from jurassiglip.model.lora import merge_lora as merge_adapters
 from jurassiglip.model.towers import TextTower, VisionTower
 
@@ -32,6 +34,7 @@ class JurasSigLIP(nn.Module):
         text: the text tower; its projected width must equal the vision width.
         fusion: cross-attention from patches to text tokens.
         head: the segmentation head.
+        no_target: the no-target head (one logit per caption).
         logit_scale_init: initial contrastive logit scale, log space (CLIP: log(1/0.07)).
         logit_scale_max: upper clamp of the scale, log space (CLIP: log(100)).
         image_size: side S of the square input images and output masks.
@@ -45,6 +48,7 @@ class JurasSigLIP(nn.Module):
         text: TextTower,
         fusion: CrossAttention,
         head: SegHead,
+        no_target: NoTargetHead,
         logit_scale_init: float,
         logit_scale_max: float,
         image_size: int,
@@ -60,6 +64,7 @@ class JurasSigLIP(nn.Module):
         self.text = text
         self.fusion = fusion
         self.head = head
+        self.no_target = no_target
         self.image_size = image_size
         self.grid = vision.grid(image_size)
         self.logit_scale_max = float(logit_scale_max)
@@ -90,8 +95,8 @@ class JurasSigLIP(nn.Module):
         """(B, L) ids and mask -> tokens (B, L, D), mask (B, L), global (B, D)."""
         return self.text(input_ids, attention_mask)
 
-    def segment(self, patches: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """Fuse and decode: what stage 2 trains, from live or cached features.
+    def fuse(self, patches: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Patch tokens that have read the caption.
 
         Cached features (e.g. stored in fp16) are cast to the fusion's dtype.
 
@@ -101,13 +106,23 @@ class JurasSigLIP(nn.Module):
             text_mask: (B, L), 1 for real tokens.
 
         Returns:
-            (B, 1, S, S) mask logits.
+            (B, N, D) fused tokens.
         """
         dtype = self.fusion.to_q.weight.dtype
         patches = patches.to(dtype)  # (B, N, D)
         text_tokens = text_tokens.to(dtype)  # (B, L, D)
-        fused = patches + self.fusion(patches, text_tokens, text_mask)  # (B, N, D)
-        return self.head(fused, self.grid, self.image_size)  # (B, 1, S, S)
+        return patches + self.fusion(patches, text_tokens, text_mask)  # (B, N, D)
+
+    def decode(self, patches: torch.Tensor, text_tokens: torch.Tensor,
+               text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What stage 2 trains, from live or cached features: mask logits (B, 1, S, S) and
+        no-target logits (B,). Arguments as in `fuse`."""
+        fused = self.fuse(patches, text_tokens, text_mask)  # (B, N, D)
+        return self.head(fused, self.grid, self.image_size), self.no_target(fused)
+
+    def segment(self, patches: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Mask logits (B, 1, S, S) only. Arguments as in `fuse`."""
+        return self.head(self.fuse(patches, text_tokens, text_mask), self.grid, self.image_size)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) and captions (B, L) -> mask logits (B, 1, S, S)."""
@@ -150,6 +165,8 @@ class JurasSigLIP(nn.Module):
         extra = [self.logit_bias] if with_logit_bias else []
         return self._set_trainable([*lora, *self.text.projection.parameters(), self.logit_scale_raw, *extra])
 
-    def trainable_for_finetune(self) -> list[nn.Parameter]:
-        """Stage 2: cross-attention and segmentation head only; both towers frozen."""
-        return self._set_trainable([*self.fusion.parameters(), *self.head.parameters()])
+    def trainable_for_finetune(self, with_no_target: bool = True) -> list[nn.Parameter]:
+        """Stage 2: cross-attention, segmentation head and (unless its loss weight is 0) the
+        no-target head; both towers frozen."""
+        extra = list(self.no_target.parameters()) if with_no_target else []
+        return self._set_trainable([*self.fusion.parameters(), *self.head.parameters(), *extra])

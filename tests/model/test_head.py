@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jurassiglip.model.head import SegHead
+from jurassiglip.model.head import NoTargetHead, SegHead
 
 
 def test_shapes():
@@ -43,3 +43,24 @@ def test_grid_must_match_token_count():
     head = SegHead(dim=8, hidden=8)
     with pytest.raises(ValueError, match="3x3 grid"):
         head(torch.randn(1, 16, 8), grid=3, out_size=12)
+
+
+def test_no_target_head_gives_one_logit_per_caption():
+    torch.manual_seed(0)
+    head = NoTargetHead(dim=16, hidden=24)
+    assert head(torch.randn(3, 9, 16)).shape == (3,)
+
+
+def test_no_target_head_sees_a_single_patch():
+    """Max pooling: one patch that answers the caption moves the verdict, whatever the grid size."""
+    torch.manual_seed(0)
+    head = NoTargetHead(dim=8, hidden=16).eval()
+    tokens = torch.zeros(1, 64, 8)
+    spiked = tokens.clone()
+    spiked[0, 37, 2] = 50.0  # one patch of 64; the mean moves by 50/64, the max by 50
+    with torch.no_grad():
+        assert not torch.allclose(head(tokens), head(spiked))
+        # the same spike in either position gives the same logit: pooling ignores where
+        moved = tokens.clone()
+        moved[0, 5, 2] = 50.0
+        torch.testing.assert_close(head(spiked), head(moved))

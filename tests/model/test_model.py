@@ -11,6 +11,7 @@ from jurassiglip.losses import clip_loss, sigmoid_loss
 from jurassiglip.model import (
     CrossAttention,
     JurasSigLIP,
+    NoTargetHead,
     SegHead,
     TextTower,
     VisionTower,
@@ -55,6 +56,7 @@ def build(lora=False, logit_scale_init=math.log(1 / 0.07)):
         text=TextTower(text, shared_dim=WIDTH),
         fusion=CrossAttention(dim=WIDTH, inner_dim=64, heads=4),
         head=SegHead(dim=WIDTH, hidden=48),
+        no_target=NoTargetHead(dim=WIDTH, hidden=48),
         logit_scale_init=logit_scale_init,
         logit_scale_max=LOG_100,
         image_size=SIZE,
@@ -176,9 +178,11 @@ def test_trainable_for_finetune():
     model = build(lora=True)
     model.trainable_for_pretrain()
     params = model.trainable_for_finetune()
-    expected = {id(p) for module in (model.fusion, model.head) for p in module.parameters()}
+    expected = {id(p) for module in (model.fusion, model.head, model.no_target) for p in module.parameters()}
     assert {id(p) for p in params} == expected
     assert {id(p) for p in model.parameters() if p.requires_grad} == expected
+    without_head = model.trainable_for_finetune(with_no_target=False)  # no_target_weight 0: head stays frozen
+    assert {id(p) for p in without_head} == expected - {id(p) for p in model.no_target.parameters()}
 
 
 def test_tower_widths_must_agree():
@@ -199,4 +203,4 @@ def test_tower_widths_must_agree():
         shared_dim=16,
     )
     with pytest.raises(ValueError, match="vision width 32"):
-        JurasSigLIP(vision, text, CrossAttention(32, 64, 4), SegHead(32, 48), 2.66, LOG_100, 64)
+        JurasSigLIP(vision, text, CrossAttention(32, 64, 4), SegHead(32, 48), NoTargetHead(32, 48), 2.66, LOG_100, 64)

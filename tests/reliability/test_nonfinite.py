@@ -1,0 +1,90 @@
+"""Non-finite values stop a training stage loudly, name where they came from, and spare the checkpoints.
+
+The NaN enters through the real stage, never through a stand-in for fit:
+- a poisoned row of the frozen-feature cache (what bit rot or a stale cache
+  would give) reaches a training batch of a resumed seg_finetune;
+- the same poison in a validation caption reaches the validation loss, which
+  fit used to accept silently (NaN < best is False: no best.pt, a "finished"
+  stage with best_val_loss inf);
+- pretrained weights whose outputs overflow fp16 (65504) would have been
+  cached as inf: the cache build refuses them, naming the images.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from stagerun import clone_project, project_like, run_in_process, stage_runs
+
+from jurassiglip import checkpoint
+from jurassiglip.features import NonFiniteFeatures
+from jurassiglip.train import NonFiniteLoss
+
+CKPT = "data/seg_finetune/checkpoints"
+FEATURES = "data/seg_finetune/features"
+
+
+def poison_caption(root, split):
+    """NaN into the cached text tokens of the first caption of `split`; return its sample id."""
+    samples = pd.read_parquet(root / "data/build_manifest/manifest/samples.parquet")
+    sample_id = int(samples.loc[samples["split"] == split, "sample_id"].iloc[0])
+    row = int(np.load(root / FEATURES / "index.npz")["sample_row"][sample_id])
+    text = np.load(root / FEATURES / "text.npy", mmap_mode="r+")
+    text[row] = np.nan
+    text.flush()
+    del text
+    return sample_id
+
+
+def named_ids(message):
+    return [int(i) for i in re.search(r"sample ids \[([\d, ]+)\]", message).group(1).split(",")]
+
+
+@pytest.mark.slow
+def test_nan_in_a_training_batch_stops_the_stage_naming_step_and_samples(killed, tmp_path):
+    root = clone_project(killed, tmp_path / "project")
+    poisoned = poison_caption(root, "train")
+    before = {name: (root / CKPT / name).read_bytes() for name in ("latest.pt", "best.pt")}
+    done = checkpoint.load(root / CKPT / "latest.pt")["state"]["epoch"]
+
+    with pytest.raises(NonFiniteLoss) as err:
+        run_in_process(root, "seg_finetune")  # resumes after `done` epochs, then meets the poisoned caption
+
+    message = str(err.value)
+    assert re.search(rf"non-finite loss nan at epoch {done + 1} step \d+; batch sample ids \[", message), message
+    assert poisoned in named_ids(message)
+    for name, blob in before.items():
+        assert (root / CKPT / name).read_bytes() == blob, f"{name} changed"  # the last good checkpoints stay
+    assert not (root / "data/seg_finetune/metrics.json").exists()
+    assert stage_runs(root, "seg_finetune")[-1].info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_nan_in_a_validation_batch_stops_before_the_first_epoch(reference_run, tmp_path):
+    root = project_like(reference_run.root, tmp_path / "project", "build_manifest", "contrastive_pretrain")
+    shutil.copytree(reference_run.root / FEATURES, root / FEATURES)  # a valid cache...
+    poisoned = poison_caption(root, "val")  # ...with one bad validation caption
+    with pytest.raises(NonFiniteLoss, match=r"non-finite validation loss nan.*batch sample ids \[") as err:
+        run_in_process(root, "seg_finetune")
+    assert poisoned in named_ids(str(err.value))
+    assert not (root / CKPT).exists()
+    assert stage_runs(root, "seg_finetune")[-1].info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_features_beyond_fp16_are_refused_when_caching_naming_the_images(reference_run, tmp_path):
+    root = project_like(reference_run.root, tmp_path / "project", "build_manifest", "contrastive_pretrain")
+    path = root / "data/contrastive_pretrain/checkpoints/best.pt"
+    payload = torch.load(path, weights_only=False)
+    (norm,) = [k for k in payload["model"] if k.startswith("vision.") and k.endswith("model.norm.weight")]
+    payload["model"][norm] = payload["model"][norm] * 1e6  # patch tokens now reach ~1e6
+    torch.save(payload, path)
+    with pytest.raises(NonFiniteFeatures, match=r"patch tokens of image_index \[\d+.*fp16 range.*cache_features"):
+        run_in_process(root, "seg_finetune")
+    assert not (root / CKPT).exists() and not (root / FEATURES).exists()
+    assert stage_runs(root, "seg_finetune")[-1].info.status == "FAILED"

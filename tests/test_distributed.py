@@ -1,0 +1,285 @@
+"""Data-parallel training under torchrun (gloo, CPU) and the gradient cache.
+
+What a user relies on: `torchrun --nproc_per_node=N` trains the same model as
+one process with the same global batch (the contrastive loss sees the
+negatives of every rank), and `pretrain.micro_batch_size` saves memory
+without changing the gradient.
+
+The two-rank tests launch this very file with torchrun: run as a script it
+is the worker (`worker()` at the bottom), which trains with the same
+`one_step` the single-process reference uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from jurassiglip import distributed
+from jurassiglip.config import load_params
+from jurassiglip.data.datasets import CaptionDataset, EpochSampler
+from jurassiglip.data.manifest import Manifest
+from jurassiglip.data.tokenizer import load_tokenizer, tokenize
+from jurassiglip.finetuning import live_loss_fn, train_head_only
+from jurassiglip.model.build import build_model, model_spec
+from jurassiglip.model.model import JurasSigLIP
+from jurassiglip.pretraining import ContrastiveObjective
+from jurassiglip.train import LoopSettings, fit
+
+REPO = Path(__file__).resolve().parents[1]
+# (name, stage, micro-batch per rank; 0 = the rank's whole batch)
+CASES = [("contrastive", "contrastive", 0), ("contrastive_grad_cache", "contrastive", 2),
+         ("segmentation", "segmentation", 0)]
+CONTRASTIVE_BATCH, SEGMENTATION_BATCH = 8, 16  # global
+# Set by DVC, by a team's MLflow setup or by earlier in-process stage runs; a test's own run must not see them.
+FOREIGN_ENV = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "JURASSIGLIP_PARENT_RUN_ID", "JURASSIGLIP_PARAMS")
+
+
+class Rows:
+    """Tracker stand-in that keeps the per-epoch rows fit reports."""
+
+    def __init__(self):
+        self.rows = []
+
+    def log_epoch(self, plot, epoch, values):
+        self.rows.append(values)
+
+
+def assert_close(got: torch.Tensor, expected: torch.Tensor, rel: float, what: str) -> None:
+    """Equal up to float32 summation order: the largest difference within `rel` of the largest entry."""
+    error, scale = float((got - expected).abs().max()), float(expected.abs().max())
+    assert error <= rel * scale, f"{what}: differs by {error:.2e} (largest entry {scale:.2e})"
+
+
+def load_setup(data_dir: Path, params_path: Path):
+    params = load_params(params_path)
+    manifest = Manifest.load(data_dir / "manifest")
+    tokenizer = load_tokenizer(data_dir / "tokenizer")
+    ids, mask = tokenize(tokenizer, manifest.samples["sentence"].tolist(), params.model.arch.text_max_len)
+    return params, manifest, ids, mask, model_spec(params, tokenizer)
+
+
+def perturbed_model(spec: dict) -> JurasSigLIP:
+    """A tiny model whose LoRA B matrices are off zero, so gradients reach every adapter matrix."""
+    torch.manual_seed(0)
+    model = build_model(spec)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    return model
+
+
+def distinct_image_captions(manifest: Manifest, n: int) -> np.ndarray:
+    """The first `n` targeted train captions of `n` different images."""
+    rows = manifest.samples[(manifest.samples["split"] == "train") & ~manifest.samples["no_target"]]
+    return rows.drop_duplicates("image_index")["sample_id"].to_numpy()[:n]
+
+
+def one_step(stage: str, micro: int, data_dir: Path, params_path: Path, ckpt_dir: Path) -> dict:
+    """fit() for one epoch of one global batch, on this process's share; what a rank ends up with."""
+    params, manifest, ids, mask, spec = load_setup(data_dir, params_path)
+    model = perturbed_model(spec)
+    rank, world = distributed.rank(), distributed.world_size()
+    train_mode = train_step = None
+    after_step = model.clamp_logit_scale_
+    if stage == "contrastive":
+        chosen = distinct_image_captions(manifest, 2 * CONTRASTIVE_BATCH)
+        dataset = CaptionDataset(manifest, ids, mask, with_target=False)
+        trainable = model.trainable_for_pretrain()
+        objective = ContrastiveObjective(model, "clip", micro or CONTRASTIVE_BATCH // world)
+        loss_fn, train_step, global_batch = objective.loss, objective.step, CONTRASTIVE_BATCH
+    else:
+        train = manifest.samples.loc[manifest.samples["split"] == "train", "sample_id"].to_numpy()
+        chosen = train[:2 * SEGMENTATION_BATCH]
+        dataset = CaptionDataset(manifest, ids, mask, with_target=True)
+        trainable = model.trainable_for_finetune()
+        loss_fn = live_loss_fn(model, params.finetune, distributed.data_parallel(model, JurasSigLIP.decode))
+        train_mode, after_step, global_batch = (lambda: train_head_only(model)), (lambda: None), SEGMENTATION_BATCH
+
+    def batches(sample_ids):  # this rank's share, as the training recipes shard
+        sampler = EpochSampler(sample_ids, None, seed=0, shuffle=False, rank=rank, world_size=world)
+        return DataLoader(dataset, batch_size=global_batch // world, sampler=sampler)
+
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    tracker = Rows()
+    result = fit(model=model, optimizer=optimizer, loss_fn=loss_fn, train_step=train_step,
+                 train_batches=lambda epoch: batches(chosen[:global_batch]),
+                 val_batches=lambda: batches(chosen[global_batch:]),
+                 settings=LoopSettings(epochs=1, patience=1, log_every=1, max_val_batches=0),
+                 ckpt_dir=ckpt_dir, best_payload=lambda: {"spec": spec, "model": model.state_dict()},
+                 run_fingerprint=stage, tracker=tracker, train_mode=train_mode, after_step=after_step)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return {"start_val_loss": result.start_val_loss, "val_loss": result.best_val_loss, "rows": tracker.rows,
+            "weights": {n: p.detach().clone() for n, p in named}, "grads": {n: p.grad.clone() for n, p in named}}
+
+
+@pytest.fixture
+def params_path(micro_params, tmp_path) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(micro_params))
+    return path
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 ...` (torch.distributed.run is torchrun's entry point)."""
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    for var in FOREIGN_ENV:
+        env.pop(var, None)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+                         cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"torchrun failed:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
+    return out
+
+
+@pytest.mark.distributed
+def test_two_ranks_take_the_same_step_as_one_process(micro_data, params_path, tmp_path):
+    """Loss, gradients and updated weights of one step: 2 gloo ranks x half batch == 1 process x whole batch.
+
+    For the contrastive loss this needs the cross-rank negatives and the right
+    gradient scaling (gathered features); with a gradient cache (micro-batch 2
+    of 4 per rank) also DDP's no_sync; for stage 2 the DDP-wrapped head.
+    Validation losses are averaged over ranks, and only rank 0 checkpoints.
+    """
+    torchrun(__file__, str(micro_data), str(params_path), str(tmp_path), cwd=REPO)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    single = {stage: one_step(stage, 0, micro_data, params_path, tmp_path / "single" / stage)
+              for stage in ("contrastive", "segmentation")}
+    for name, stage, _ in CASES:
+        expected = single[stage]
+        for rank, results in enumerate(ranks):
+            got = results[name]
+            where = f"{name}, rank {rank}"
+            assert got["start_val_loss"] == pytest.approx(expected["start_val_loss"], rel=1e-5), where
+            assert got["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5), where
+            assert got["val_loss"] != pytest.approx(got["start_val_loss"], rel=1e-6), where  # the step did something
+            for param, grad in expected["grads"].items():
+                assert grad.abs().max() > 0, f"{where}: no gradient reached {param}"
+                assert_close(got["grads"][param], grad, 1e-5, f"{where}: gradient of {param}")
+                assert_close(got["weights"][param], expected["weights"][param], 1e-5, f"{where}: {param} stepped")
+        assert ranks[0][name]["rows"][0]["train_loss"] == pytest.approx(expected["rows"][0]["train_loss"], rel=1e-5)
+        assert ranks[1][name]["rows"] == []  # rank 1 reports nothing...
+        assert sorted(p.name for p in (tmp_path / "ckpt" / name / "rank0").iterdir()) == ["best.pt", "latest.pt"]
+        assert not (tmp_path / "ckpt" / name / "rank1").exists()  # ...and writes no checkpoint
+
+
+@pytest.mark.parametrize("loss", ["clip", "sigmoid"])
+def test_gradient_cache_gives_the_whole_batch_gradient(micro_data, params_path, loss):
+    """micro_batch 4 of a batch of 16, in train mode (DINOv3 jitters its RoPE positions), equals the whole batch."""
+    _, manifest, ids, mask, spec = load_setup(micro_data, params_path)
+    model = perturbed_model(spec)
+    model.trainable_for_pretrain(with_logit_bias=loss == "sigmoid")
+    model.train()
+    batch = next(iter(DataLoader(CaptionDataset(manifest, ids, mask, with_target=False), batch_size=16,
+                                 sampler=distinct_image_captions(manifest, 16))))
+    torch.manual_seed(1)
+    jittered = model.contrastive_features(batch["image"][:2], batch["input_ids"][:2], batch["attention_mask"][:2])
+    torch.manual_seed(2)
+    other = model.contrastive_features(batch["image"][:2], batch["input_ids"][:2], batch["attention_mask"][:2])
+    assert not torch.allclose(jittered[0], other[0])  # so replaying the RNG state matters
+
+    def step(micro):
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        value = ContrastiveObjective(model, loss, micro).step(batch)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return value, grads, torch.get_rng_state()
+
+    whole_loss, whole, whole_rng = step(16)
+    cached_loss, cached, cached_rng = step(4)
+    assert float(cached_loss) == pytest.approx(float(whole_loss), rel=1e-6)
+    groups = {
+        "vision LoRA": [n for n in whole if n.startswith("vision.") and "lora_" in n],
+        "text LoRA": [n for n in whole if n.startswith("text.") and "lora_" in n],
+        "text projection": ["text.projection.weight"],
+        "logit scale": ["logit_scale_raw"] + (["logit_bias"] if loss == "sigmoid" else []),
+    }
+    assert sorted(n for names in groups.values() for n in names) == sorted(whole)
+    for group, names in groups.items():
+        assert names, group
+        for name in names:
+            assert whole[name].abs().max() > 0, f"{group}: no gradient reached {name}"
+            assert_close(cached[name], whole[name], 1e-5, f"{group}: gradient of {name}")
+    assert torch.equal(cached_rng, whole_rng)  # the run continues as after a whole-batch step
+
+
+def test_rank_shards_of_a_global_batch_are_the_single_process_batch():
+    """Batch k of every rank together = batch k of one process, for any epoch; ranks never share a sample."""
+    ids, images = np.arange(103) * 3, np.arange(103) // 2  # two captions per image
+    world, per_rank = 4, 3
+    for one_per_image in (False, True):
+        single = EpochSampler(ids, images, seed=5, one_per_image=one_per_image)
+        shards = [EpochSampler(ids, images, seed=5, one_per_image=one_per_image, rank=r, world_size=world)
+                  for r in range(world)]
+        for sampler in (single, *shards):
+            sampler.set_epoch(7)
+        whole = list(single)
+        parts = [list(s) for s in shards]
+        assert [len(p) for p in parts] == [len(s) for s in shards] == [len(whole) // world] * world
+        assert len(set().union(*parts)) == sum(map(len, parts))
+        for k in range(len(parts[0]) // per_rank):
+            together = sorted(i for p in parts for i in p[k * per_rank:(k + 1) * per_rank])
+            assert together == sorted(whole[k * world * per_rank:(k + 1) * world * per_rank])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_runs_both_training_stages(micro_data, micro_params, tmp_path, monkeypatch):
+    """The real entry points under torchrun: one MLflow run and one set of files per stage, from rank 0,
+    the feature cache built once, and stage 1 ending where one process ends."""
+    from mlflow.tracking import MlflowClient
+
+    from jurassiglip.tracking import tracking_uri
+
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: stages run in this process by earlier tests leave it set.
+    for var in FOREIGN_ENV:
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(micro_params))
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "data" / "build_manifest").mkdir(parents=True)
+    for name in ("manifest", "tokenizer"):
+        (tmp_path / "data" / "build_manifest" / name).symlink_to(micro_data / name)
+    for stage in ("contrastive_pretrain", "seg_finetune"):
+        torchrun("-m", f"stages.{stage}", cwd=tmp_path)
+    client = MlflowClient(tracking_uri(tmp_path))
+    experiment = client.get_experiment_by_name(micro_params["tracking"]["experiment"])
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.stage != ''")
+    assert sorted(r.data.tags["stage"] for r in runs) == ["contrastive_pretrain", "seg_finetune"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert json.loads((tmp_path / "data/seg_finetune/features/meta.json").read_text())["vision_passes"] > 0
+    distributed_metrics = json.loads((tmp_path / "data/contrastive_pretrain/metrics.json").read_text())
+
+    # The same stage in one process (in this process), from the same manifest.
+    single = tmp_path / "single"
+    (single / "data").mkdir(parents=True)
+    (single / "data" / "build_manifest").symlink_to(tmp_path / "data" / "build_manifest")
+    for name in ("params.yaml", "dvc.yaml"):
+        (single / name).write_text((tmp_path / name).read_text())
+    monkeypatch.chdir(single)
+    from stages import contrastive_pretrain
+    contrastive_pretrain.main()
+    single_metrics = json.loads((single / "data/contrastive_pretrain/metrics.json").read_text())
+    assert distributed_metrics["epochs_run"] == single_metrics["epochs_run"]
+    for key in ("start_val_loss", "best_val_loss"):
+        assert distributed_metrics[key] == pytest.approx(single_metrics[key], rel=1e-5), key
+
+
+def worker(data_dir: Path, params_path: Path, out_dir: Path) -> None:
+    """One rank of the two-rank test: every case, results to out_dir/rank<r>.pt."""
+    with distributed.process_group():
+        rank = distributed.rank()
+        results = {name: one_step(stage, micro, data_dir, params_path, out_dir / "ckpt" / name / f"rank{rank}")
+                   for name, stage, micro in CASES}
+        torch.save(results, out_dir / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    worker(*map(Path, sys.argv[1:4]))
