@@ -3,10 +3,9 @@
 Times what the evaluate stage does for one split: jurassiglip.evaluation's
 evaluate_split (model, shuffled-text baseline and text-blind union, scored at
 params.evaluate.resolution) followed by split_metrics, on the first n
-manifest samples relabelled as one split. The model is the seg_finetune
-checkpoint when there is one (LoRA merged, as the evaluate stage loads it),
-otherwise (missing, or stale after a model change) a random tiny model:
-its speed is the same. Sizes are interleaved per round. The cost
+manifest samples relabelled as one split, with a tiny model (LoRA merged,
+as the evaluate stage loads its checkpoint; random weights cost the same
+as trained ones). Sizes are interleaved per round. The cost
 should be linear in n: the fitted exponent b of time = a * n^b is printed
 (goal b <= 1.1).
 """
@@ -19,12 +18,10 @@ import numpy as np
 
 from benchmarks.harness import Options, interleaved, section, table, verdict
 from benchmarks.setups import tiny
-from jurassiglip.checkpoint import CheckpointError
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.evaluation import evaluate_split, split_metrics
 from jurassiglip.model.build import model_spec
 from jurassiglip.predict import Decision, Predictor
-from jurassiglip.stage import FINETUNE_CHECKPOINTS
 
 NAME = "R4"
 GOAL = 1.1  # fitted exponent, at most
@@ -37,9 +34,9 @@ QUICK = dict(sizes=(100, 300, 1_000), repeats=1)
 def run(opts: Options) -> None:
     section(f"{NAME}: evaluation (evaluate_split + split_metrics) from 100 to 10,000 samples")
     cfg = QUICK if opts.quick else FULL
-    setup = tiny()
+    setup = tiny(opts.quick)
     evaluate = setup.params.evaluate
-    predictor, source = _predictor(setup, opts.seed, Decision.from_config(evaluate))
+    predictor = _predictor(setup, opts.seed, Decision.from_config(evaluate))
     images_per_batch = max(1, evaluate.batch_size // 8)  # as stages/evaluate.py
 
     def scorer(view: Manifest):
@@ -61,7 +58,7 @@ def run(opts: Options) -> None:
         n_images = view.samples.loc[view.samples["split"] == SPLIT, "image_index"].nunique()
         rows.append([n, n_images, f"{t.median:.2f}", f"{t.spread:.0%}", f"{t.median / n * 1e3:.2f}",
                      f"{n / t.median:.0f}"])
-    print(f"model: {source}; {predictor.decision.describe()}")
+    print(f"tiny model, LoRA merged, random weights; {predictor.decision.describe()}")
     print(f"resolution={evaluate.resolution}, {images_per_batch} images per vision pass; "
           f"median of {cfg['repeats']} round(s), sizes interleaved, after a warm-up at n={min(views)}")
     print(table(["samples", "images", "s", "spread", "ms/sample", "samples/s"], rows))
@@ -71,19 +68,11 @@ def run(opts: Options) -> None:
           f"(between neighbours {steps}): goal <= {GOAL} (linear): {verdict(exponent, GOAL, at_most=True)}")
 
 
-def _predictor(setup, seed: int, decision: Decision) -> tuple[Predictor, str]:
-    """The seg_finetune checkpoint, or a random tiny model of the same size when it is missing or stale."""
-    checkpoint = FINETUNE_CHECKPOINTS / "best.pt"
-    why = "no seg_finetune checkpoint"
-    if checkpoint.is_file():
-        try:
-            return Predictor.from_checkpoint(checkpoint, decision, device="cpu"), str(checkpoint)
-        except CheckpointError:  # written by an older version of the model code
-            why = f"{checkpoint} is stale: its weights do not fit today's model"
+def _predictor(setup, seed: int, decision: Decision) -> Predictor:
+    """A tiny model as the evaluate stage loads one (LoRA merged); its random weights cost the same."""
     model = setup.model(seed)
     model.merge_lora()
-    return (Predictor(model, setup.tokenizer, model_spec(setup.params, setup.tokenizer), decision, device="cpu"),
-            f"random tiny model ({why})")
+    return Predictor(model, setup.tokenizer, model_spec(setup.params, setup.tokenizer), decision, device="cpu")
 
 
 def _first_samples(manifest: Manifest, n: int) -> Manifest:

@@ -41,7 +41,7 @@ QUICK = dict(mm_sizes=(2048,), tiny_batch=64, real_batch=1, warmup=1, repeats=3,
 def run(opts: Options) -> None:
     section(f"{NAME}: cached stage-2 step vs the fp32 matmul peak of {opts.threads} threads")
     cfg = QUICK if opts.quick else FULL
-    setup = tiny()
+    setup = tiny(opts.quick)
     params = setup.params
     real = params.model.real
     steps = {

@@ -18,7 +18,7 @@ tokens, target mask as tensors), loaded in turn by:
 
 Two image sets:
 - the default synthetic set (96-224 px JPEGs) at the tiny model size (128),
-  read from the manifest `dvc repro build_manifest` wrote;
+  built as build_manifest does (benchmarks/setups.py);
 - COCO-sized images (480-640 px, the same generator with bigger sides, into a
   temporary folder) at the prototype's 512, with a 512 px manifest built
   from them by jurassiglip's build_manifest. Its feature cache holds random
@@ -46,11 +46,9 @@ from jurassiglip.data.refs import read_refs
 from jurassiglip.data.synthetic import generate
 from jurassiglip.data.tokenizer import tokenize
 from jurassiglip.features import CachedSegDataset, build_cache
-from jurassiglip.stage import DATA_DIR
 
 NAME = "R2"
 GOAL = 30.0
-SYNTHETIC_DIR = DATA_DIR / "build_manifest" / "synthetic"
 COCO_SIDES = (480, 640)  # COCO train2014 images are mostly 640 x 480
 BATCH = 64  # samples per read in the batch-fetch variant (params.finetune.batch_size of the default)
 PROPOSED = ("manifest, bool target", "manifest, batch fetch")  # not what the library does today
@@ -115,7 +113,7 @@ class RandomTowers(nn.Module):
 def run(opts: Options) -> None:
     section(f"{NAME}: loading one training sample, manifest vs prototype (file decode + annToMask + resize)")
     cfg = QUICK if opts.quick else FULL
-    setup = tiny()
+    setup = tiny(opts.quick)
     rows, agreement = [], []
     with tempfile.TemporaryDirectory(prefix="bench_r2_") as tmp:
         tmp = Path(tmp)
@@ -125,8 +123,8 @@ def run(opts: Options) -> None:
         model = setup.model(opts.seed).eval()
         cache = build_cache(model, manifest, setup.input_ids, setup.attention_mask, ids, tmp / "features_tiny",
                             batch_size=64, fingerprint="benchmark")
-        loader = PrototypeLoader(SYNTHETIC_DIR / "grefs(unc).json", SYNTHETIC_DIR / "instances.json",
-                                 SYNTHETIC_DIR / "images", manifest.image_size)
+        loader = PrototypeLoader(setup.source.grefs_path, setup.source.instances_path, setup.source.images_dir,
+                                 manifest.image_size)
         label = "default synthetic (96-224 px)"
         rows += _compare(label, manifest, setup.input_ids, setup.attention_mask, loader, cache, ids, cfg)
         agreement.append((label, _agreement(loader, manifest, ids)))

@@ -1,8 +1,8 @@
 """Models and batches the benchmarks share.
 
-- `tiny()`: the default pipeline's pieces (params.yaml, the manifest of
-  `dvc repro build_manifest`, its tokenizer, a tiny model built from the
-  spec), loaded once per run.
+- `tiny()`: the default pipeline's pieces (the synthetic set, its manifest
+  and tokenizer, built from params.yaml by the stage's own functions into a
+  temporary folder, and a tiny model from the spec), once per run.
 - `real_dims_model()`: the prototype's sizes with random weights, built from
   configs, no download: DINOv3 ViT-S/16+ (hidden 384, 12 layers, 6 heads,
   patch 16, 4 registers, gated SiLU MLP 1536, 512 px) and the SigLIP2 base
@@ -17,10 +17,15 @@
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import functools
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,15 +33,16 @@ import torch
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from jurassiglip.config import FinetuneConfig, Params, load_params
-from jurassiglip.data.manifest import Manifest
-from jurassiglip.data.tokenizer import caption_tokenizer, tokenize
+from jurassiglip.data.manifest import Manifest, build_manifest
+from jurassiglip.data.refs import read_refs
+from jurassiglip.data.source import SourceFiles, resolve_source
+from jurassiglip.data.tokenizer import build_word_tokenizer, caption_tokenizer, tokenize
 from jurassiglip.finetuning import cached_loss_fn, live_loss_fn, train_head_only
 from jurassiglip.losses import no_target_loss, segmentation_loss
 from jurassiglip.model.build import build_model, model_spec
 from jurassiglip.model.lora import add_lora
 from jurassiglip.model.model import JurasSigLIP
 from jurassiglip.model.towers import VisionTower
-from jurassiglip.stage import MANIFEST_DIR, TOKENIZER_DIR
 
 # DINOv3 ViT-S/16+ (facebook/dinov3-vits16plus-pretrain-lvd1689m config; SPEC appendix): 28.7 M parameters.
 REAL_VISION = dict(hidden_size=384, intermediate_size=1536, use_gated_mlp=True, hidden_act="silu",
@@ -59,6 +65,7 @@ class Tiny:
     """The default (tiny preset) pipeline's inputs, as seg_finetune sees them."""
 
     params: Params
+    source: SourceFiles           # the gRefCOCO-format synthetic set (what the prototype would read)
     manifest: Manifest
     tokenizer: Any
     input_ids: torch.Tensor       # (n_samples, L) every manifest row
@@ -74,18 +81,39 @@ class Tiny:
         return samples.loc[samples["split"] == self.params.data.train_split, "sample_id"].to_numpy().copy()
 
 
+QUICK_IMAGE_SHARE = 5  # --quick builds 1/5 of the default synthetic images
+
+
 @functools.cache
-def tiny() -> Tiny:
+def tiny(quick: bool = False) -> Tiny:
+    """Build the default data the way stages/build_manifest.py does, into a private temporary folder.
+
+    Private, so that a `dvc repro` running next to the benchmarks (which swaps
+    data/build_manifest/ atomically) cannot pull files from under them, and so
+    that nothing but params.yaml is needed. Same seed, same dataset as the
+    pipeline's; --quick builds a fifth of the images.
+    """
     offline()
     params = load_params()
-    if params.model.preset != "tiny":
-        raise SystemExit(f"benchmarks use the default tiny preset; params.yaml has model.preset={params.model.preset}")
-    if not (MANIFEST_DIR / "samples.parquet").is_file():
-        raise SystemExit(f"{MANIFEST_DIR} not found: run `dvc repro build_manifest` first")
-    manifest = Manifest.load(MANIFEST_DIR)
-    tokenizer = caption_tokenizer(params.model, TOKENIZER_DIR)
+    if params.model.preset != "tiny" or params.data.source != "synthetic":
+        raise SystemExit("benchmarks use the default tiny preset and synthetic data; params.yaml has "
+                         f"model.preset={params.model.preset}, data.source={params.data.source}")
+    if quick:
+        syn = params.synthetic
+        smaller = {split: max(1, n // QUICK_IMAGE_SHARE) for split, n in syn.n_images.items()}
+        params = dataclasses.replace(params, synthetic=dataclasses.replace(syn, n_images=smaller))
+    root = Path(tempfile.mkdtemp(prefix="jurassiglip_bench_"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    source = resolve_source(params, root / "synthetic")
+    refs = read_refs(source.grefs_path, source.instances_path, splits=params.data.splits,
+                     max_refs_per_split=params.data.max_refs_per_split, drop_no_target=params.data.drop_no_target)
+    build_manifest(refs, source.images_dir, root / "manifest", image_size=params.model.arch.image_size,
+                   on_bad_image=params.data.on_bad_image)
+    build_word_tokenizer([s.sentence for s in refs.samples if s.split == params.data.train_split], root / "tokenizer")
+    manifest = Manifest.load(root / "manifest")
+    tokenizer = caption_tokenizer(params.model, root / "tokenizer")
     ids, mask = tokenize(tokenizer, manifest.samples["sentence"].tolist(), params.model.arch.text_max_len)
-    return Tiny(params, manifest, tokenizer, ids, mask)
+    return Tiny(params, source, manifest, tokenizer, ids, mask)
 
 
 def real_dims_model(setup: Tiny, seed: int = 0) -> JurasSigLIP:

@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.harness import Options, interleaved, section, table, verdict
 from benchmarks.prototype import PrototypeCaptionDataset, PrototypeLoader
-from benchmarks.sample_loading import SYNTHETIC_DIR
 from benchmarks.setups import tiny
 from jurassiglip.data.datasets import EpochSampler
 from jurassiglip.features import CachedSegDataset, build_cache
@@ -47,7 +46,7 @@ def run(opts: Options) -> None:
     section(f"{NAME}: stage-2 epoch incl. DataLoader, prototype-style (file decode + live towers) vs ours "
             f"(manifest + feature cache), tiny preset")
     cfg = QUICK if opts.quick else FULL
-    setup = tiny()
+    setup = tiny(opts.quick)
     params, manifest = setup.params, setup.manifest
     finetune = params.finetune
     batch_size = finetune.batch_size
@@ -71,8 +70,8 @@ def run(opts: Options) -> None:
         trainable = model.trainable_for_finetune(with_no_target=finetune.no_target_weight > 0)
         optimizer = torch.optim.AdamW(trainable, lr=finetune.lr, weight_decay=finetune.weight_decay)
         train_head_only(model)
-        loader = PrototypeLoader(SYNTHETIC_DIR / "grefs(unc).json", SYNTHETIC_DIR / "instances.json",
-                                 SYNTHETIC_DIR / "images", manifest.image_size)
+        loader = PrototypeLoader(setup.source.grefs_path, setup.source.instances_path, setup.source.images_dir,
+                                 manifest.image_size)
         variants = {
             "prototype-style": (PrototypeCaptionDataset(loader, manifest, setup.input_ids, setup.attention_mask),
                                 live_loss_fn(model, finetune)),

@@ -24,7 +24,7 @@ QUICK = (("tiny", 64, 1, 5), ("real dims", 1, 1, 2))
 
 def run(opts: Options) -> None:
     section(f"{NAME}: stage-2 step, cached fp16 features vs frozen towers live")
-    setup = tiny()
+    setup = tiny(opts.quick)
     rows, ratios = [], []
     for preset, batch_size, warmup, repeats in QUICK if opts.quick else FULL:
         if preset == "tiny":
