@@ -10,6 +10,7 @@ rough); the figures in benchmarks/README.md come from a full run.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
 
+    # `kill` ends the run like Ctrl-C, so the temporary data folders are still removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     offline()
     torch.set_num_threads(args.threads)
     opts = Options(quick=args.quick, threads=args.threads, seed=args.seed)
