@@ -39,7 +39,7 @@ from torch import nn
 
 from benchmarks.harness import Options, interleaved, section, table, verdict
 from benchmarks.prototype import PrototypeCaptionDataset, PrototypeLoader
-from benchmarks.setups import tiny
+from benchmarks.setups import REAL_VISION, tiny
 from jurassiglip.data.datasets import CaptionDataset
 from jurassiglip.data.manifest import Manifest, build_manifest
 from jurassiglip.data.refs import read_refs
@@ -135,7 +135,7 @@ def run(opts: Options) -> None:
         big_ids = np.random.default_rng(opts.seed).choice(len(big.samples), min(cfg["samples"], len(big.samples)),
                                                           replace=False)
         ids_512, mask_512 = tokenize(setup.tokenizer, big.samples["sentence"].tolist(), real.text_max_len)
-        grid = real.image_size // 16
+        grid = real.image_size // REAL_VISION["patch_size"]
         big_cache = build_cache(RandomTowers(grid * grid, real.text_max_len, real.shared_dim), big, ids_512,
                                 mask_512, big_ids, tmp / "features_512", batch_size=16, fingerprint="benchmark")
         label = f"COCO-sized ({COCO_SIDES[0]}-{COCO_SIDES[1]} px)"
