@@ -24,11 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from jurassiglip import atomic
-from jurassiglip.data.datasets import target_tensor
+from jurassiglip.data.datasets import BatchDataset, target_masks
 from jurassiglip.data.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -149,8 +148,12 @@ def _to_fp16(features: torch.Tensor, what: str, ids: np.ndarray) -> np.ndarray:
     return values.astype(np.float16)
 
 
-class CachedSegDataset(Dataset):
-    """Stage-2 samples from the cache: patch tokens, text tokens, mask, target, no-target flag."""
+class CachedSegDataset(BatchDataset):
+    """Stage-2 batches from the cache: patch tokens, text tokens, mask, target, no-target flag.
+
+    A batch holds sample_id (B,), patches fp16 (B, N, D), text fp16 (B, L, D),
+    text_mask bool (B, L), target bool (B, 1, S, S) and no_target bool (B,).
+    """
 
     def __init__(self, manifest: Manifest, cache: FeatureCache):
         self.manifest = manifest
@@ -161,17 +164,18 @@ class CachedSegDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_index)
 
-    def __getitem__(self, sample_id: int) -> dict[str, torch.Tensor]:
-        image_row = self.cache.image_row[self.image_index[sample_id]]
-        sample_row = self.cache.sample_row[sample_id]
-        if image_row < 0 or sample_row < 0:
-            raise IndexError(f"sample {sample_id} is not in the feature cache: only the training and "
-                             f"validation splits are cached")
+    def fetch(self, sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        image_rows = self.cache.image_row[self.image_index[sample_ids]]
+        sample_rows = self.cache.sample_row[sample_ids]
+        missing = (image_rows < 0) | (sample_rows < 0)
+        if missing.any():
+            raise IndexError(f"samples {sample_ids[missing][:10].tolist()} are not in the feature cache: only the "
+                             f"training and validation splits are cached")
         return {
-            "sample_id": torch.tensor(sample_id),
-            "patches": torch.from_numpy(np.array(self.cache.patches[image_row])),      # (N, D) fp16
-            "text": torch.from_numpy(np.array(self.cache.text[sample_row])),           # (L, D) fp16
-            "text_mask": torch.from_numpy(np.array(self.cache.text_mask[sample_row])),  # (L,)
-            "target": target_tensor(self.manifest, sample_id),                           # (1, S, S)
-            "no_target": torch.tensor(bool(self.no_target[sample_id])),                   # ()
+            "sample_id": torch.from_numpy(sample_ids),
+            "patches": torch.from_numpy(self.cache.patches[image_rows]),      # (B, N, D) fp16
+            "text": torch.from_numpy(self.cache.text[sample_rows]),           # (B, L, D) fp16
+            "text_mask": torch.from_numpy(self.cache.text_mask[sample_rows]),  # (B, L)
+            "target": target_masks(self.manifest, sample_ids),                 # (B, 1, S, S) bool
+            "no_target": torch.from_numpy(self.no_target[sample_ids]),        # (B,)
         }

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from jurassiglip import distributed
 from jurassiglip.config import FinetuneConfig
-from jurassiglip.data.datasets import CaptionDataset, EpochSampler
+from jurassiglip.data.datasets import CaptionDataset, EpochSampler, batch_loader
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.features import CachedSegDataset, build_cache
 from jurassiglip.losses import no_target_loss, segmentation_loss
@@ -109,13 +109,13 @@ def train_segmentation(model: JurasSigLIP, manifest: Manifest, input_ids: torch.
 
     def train_batches(epoch: int) -> DataLoader:
         train_sampler.set_epoch(epoch)
-        return DataLoader(dataset, batch_size=batch_size, sampler=train_sampler, num_workers=cfg.num_workers)
+        return batch_loader(dataset, sampler=train_sampler, batch_size=batch_size, num_workers=cfg.num_workers)
 
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return fit(
         model=model, optimizer=optimizer, loss_fn=loss_fn, train_batches=train_batches,
-        val_batches=lambda: DataLoader(dataset, batch_size=batch_size, sampler=val_sampler,
-                                       num_workers=cfg.num_workers),
+        val_batches=lambda: batch_loader(dataset, sampler=val_sampler, batch_size=batch_size,
+                                         num_workers=cfg.num_workers),
         settings=LoopSettings(cfg.epochs, cfg.patience, cfg.log_every, cfg.max_val_batches, cfg.lr_schedule),
         ckpt_dir=ckpt_dir, best_payload=best_payload, run_fingerprint=run_fingerprint, tracker=tracker,
         train_mode=lambda: train_head_only(model),

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from jurassiglip import distributed
 from jurassiglip.config import PretrainConfig
-from jurassiglip.data.datasets import CaptionDataset, EpochSampler
+from jurassiglip.data.datasets import CaptionDataset, EpochSampler, batch_loader
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.losses import clip_loss, sigmoid_loss
 from jurassiglip.model.model import JurasSigLIP
@@ -197,8 +197,8 @@ def train_contrastive(model: JurasSigLIP, manifest: Manifest, input_ids: torch.T
                                world_size=world)
 
     def loader(sampler: EpochSampler, drop_last: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                          num_workers=cfg.num_workers)
+        return batch_loader(dataset, sampler=sampler, batch_size=batch_size, num_workers=cfg.num_workers,
+                            drop_last=drop_last)
 
     def train_batches(epoch: int) -> DataLoader:
         train_sampler.set_epoch(epoch)

@@ -4,6 +4,11 @@ A stage module is `run(params, tracker)` plus `main = entry(NAME, run)`.
 Stage name = module name = output folder `data/<name>/` = MLflow `stage` tag.
 Under torchrun, `main` joins the process group and gives ranks other than 0
 a tracker that records nothing (see distributed.py).
+
+SIGTERM (what torchrun sends the other ranks when one fails, and what job
+schedulers and `kill` send) stops a stage the way Ctrl-C does: the stage
+unwinds, its MLflow run is marked KILLED, and it exits with 128 + 15.
+Only SIGKILL leaves a run RUNNING, since nothing can run after it.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -58,35 +64,57 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class Terminated(KeyboardInterrupt):
+    """The stage received a termination signal; a KeyboardInterrupt so that everything unwinds as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
 def entry(name: str, run: Callable[..., None]) -> Callable[[], None]:
     """Build the `main()` of a stage module: params -> tracker -> run(params, tracker)."""
 
     def main() -> None:
-        from jurassiglip.tracking import NullTracker, Tracker, TrackingError, record_failure
-
         setup_logging()
-        with distributed.process_group():  # under torchrun; a no-op otherwise
-            try:
-                params = load_params(os.environ.get("JURASSIGLIP_PARAMS", PARAMS_FILE))
-                params.check_world_size(distributed.world_size())
-            except ConfigError as err:
-                log.error("%s", err)
-                if distributed.is_main():  # a FAILED MLflow run, so e.g. a queued experiment's bad -S shows there
-                    record_failure(name, err)
-                raise SystemExit(2) from None
-            start = time.perf_counter()
-            log.info("%s: start", name)
-            # One MLflow run and one set of DVC files per stage: rank 0's.
-            main_rank = distributed.is_main()
-            tracking = Tracker.open(name, params, stage_dir(name)) if main_rank else nullcontext(NullTracker())
-            try:
-                with tracking as tracker:
-                    run(params, tracker)
-                    seconds = time.perf_counter() - start
-                    tracker.log_resources({"wall_seconds": seconds, "peak_rss_mb": peak_rss_mb()})
-            except TrackingError as err:  # the store cannot take the run: raised before any work
-                log.error("%s", err)
-                raise SystemExit(2) from None
-            log.info("%s: done in %.1f s, peak RSS %.0f MB", name, seconds, peak_rss_mb())
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        try:
+            _main(name, run)
+        except Terminated as err:
+            log.error("%s: stopped by %s", name, err)
+            raise SystemExit(128 + err.signum) from None
 
     return main
+
+
+def _main(name: str, run: Callable[..., None]) -> None:
+    """The body of a stage's main(): params, tracker, run, resource log."""
+    from jurassiglip.tracking import NullTracker, Tracker, TrackingError, record_failure
+
+    with distributed.process_group():  # under torchrun; a no-op otherwise
+        try:
+            params = load_params(os.environ.get("JURASSIGLIP_PARAMS", PARAMS_FILE))
+            params.check_world_size(distributed.world_size())
+        except ConfigError as err:
+            log.error("%s", err)
+            if distributed.is_main():  # a FAILED MLflow run, so e.g. a queued experiment's bad -S shows there
+                record_failure(name, err)
+            raise SystemExit(2) from None
+        start = time.perf_counter()
+        log.info("%s: start", name)
+        # One MLflow run and one set of DVC files per stage: rank 0's.
+        main_rank = distributed.is_main()
+        tracking = Tracker.open(name, params, stage_dir(name)) if main_rank else nullcontext(NullTracker())
+        try:
+            with tracking as tracker:
+                run(params, tracker)
+                seconds = time.perf_counter() - start
+                tracker.log_resources({"wall_seconds": seconds, "peak_rss_mb": peak_rss_mb()})
+        except TrackingError as err:  # the store cannot take the run: raised before any work
+            log.error("%s", err)
+            raise SystemExit(2) from None
+        log.info("%s: done in %.1f s, peak RSS %.0f MB", name, seconds, peak_rss_mb())

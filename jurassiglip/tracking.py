@@ -124,7 +124,7 @@ class Tracker:
     @classmethod
     @contextmanager
     def open(cls, stage: str, params: Params, stage_dir: Path) -> Iterator[Tracker]:
-        """Start the stage's MLflow run under its pipeline parent; FAILED if the body raises."""
+        """Start the stage's MLflow run under its pipeline parent; FAILED if the body raises, KILLED if interrupted."""
         uri = tracking_uri()
         try:
             check_store(uri)
@@ -143,9 +143,10 @@ class Tracker:
         log.info("%s: MLflow run %s (parent %s) in %s", stage, run_id[:8], parent_id[:8], uri)
         try:
             yield tracker
-        except BaseException:
-            client.set_terminated(run_id, "FAILED")
-            client.set_terminated(parent_id, "FAILED")
+        except BaseException as err:
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"  # Ctrl-C or SIGTERM: KILLED
+            client.set_terminated(run_id, status)
+            client.set_terminated(parent_id, status)
             raise
         client.set_terminated(run_id, "FINISHED")
         client.set_terminated(parent_id, "FINISHED")

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from torch.utils.data import DataLoader
+
 
 from jurassiglip import distributed
 from jurassiglip.config import load_params
-from jurassiglip.data.datasets import CaptionDataset, EpochSampler
+from jurassiglip.data.datasets import CaptionDataset, EpochSampler, batch_loader
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.tokenizer import load_tokenizer, tokenize
 from jurassiglip.finetuning import live_loss_fn, train_head_only
@@ -107,7 +107,7 @@ def one_step(stage: str, micro: int, data_dir: Path, params_path: Path, ckpt_dir
 
     def batches(sample_ids):  # this rank's share, as the training recipes shard
         sampler = EpochSampler(sample_ids, None, seed=0, shuffle=False, rank=rank, world_size=world)
-        return DataLoader(dataset, batch_size=global_batch // world, sampler=sampler)
+        return batch_loader(dataset, batch_size=global_batch // world, sampler=sampler)
 
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     tracker = Rows()
@@ -178,7 +178,7 @@ def test_gradient_cache_gives_the_whole_batch_gradient(micro_data, params_path, 
     model = perturbed_model(spec)
     model.trainable_for_pretrain(with_logit_bias=loss == "sigmoid")
     model.train()
-    batch = next(iter(DataLoader(CaptionDataset(manifest, ids, mask, with_target=False), batch_size=16,
+    batch = next(iter(batch_loader(CaptionDataset(manifest, ids, mask, with_target=False), batch_size=16,
                                  sampler=distinct_image_captions(manifest, 16))))
     torch.manual_seed(1)
     jittered = model.contrastive_features(batch["image"][:2], batch["input_ids"][:2], batch["attention_mask"][:2])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jurassiglip.losses import clip_loss, dice_loss, focal_loss, no_target_loss, sigmoid_loss
+from jurassiglip.losses import clip_loss, dice_loss, focal_loss, no_target_loss, segmentation_loss, sigmoid_loss
 
 
 def softplus(x):
@@ -201,3 +201,30 @@ def test_no_target_loss_is_binary_cross_entropy_by_hand():
     labels = torch.tensor([False, True])
     expected = (math.log(2.0) - math.log(0.75)) / 2
     assert no_target_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("as_bool", [False, True])
+def test_segmentation_loss_is_the_weighted_sum_of_dice_and_focal(as_bool):
+    """The one-pass stage-2 loss equals the two reference losses, value and gradient, for binary targets."""
+    torch.manual_seed(0)
+    logits = (torch.randn(4, 1, 9, 7, dtype=torch.float64) * 4).requires_grad_()
+    target = torch.rand(4, 1, 9, 7) > 0.7
+    target[1] = False  # a no-target caption: empty mask
+    target[2] = True
+    fused = segmentation_loss(logits, target if as_bool else target.double(), dice_weight=0.7, focal_weight=1.3,
+                              alpha=0.25, gamma=2.0)
+    reference = 0.7 * dice_loss(logits, target.double()) + 1.3 * focal_loss(logits, target.double(), 0.25, 2.0)
+    torch.testing.assert_close(fused, reference.float(), rtol=1e-6, atol=1e-7)
+    grad_fused, = torch.autograd.grad(fused, logits)
+    grad_reference, = torch.autograd.grad(reference, logits)
+    torch.testing.assert_close(grad_fused, grad_reference, rtol=1e-5, atol=1e-9)
+
+
+def test_segmentation_loss_by_hand_on_two_pixels():
+    """Logit 0 on a foreground and a background pixel: p = 0.5 on both."""
+    logits = torch.zeros(1, 1, 1, 2)
+    target = torch.tensor([[[[True, False]]]])
+    # Dice: intersection 0.5, |p| + |t| = 1 + 1 -> 1 - (2 * 0.5 + 1) / (2 + 1) = 1/3
+    # Focal: (0.25 * 0.25 * ln 2 + 0.75 * 0.25 * ln 2) / 2 = 0.125 ln 2
+    value = segmentation_loss(logits, target, dice_weight=1.0, focal_weight=2.0, alpha=0.25, gamma=2.0)
+    assert float(value) == pytest.approx(1 / 3 + 2 * 0.125 * math.log(2), rel=1e-6)

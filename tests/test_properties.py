@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from coco_rle import uncompressed_counts
 from pycocotools import mask as coco_mask
 
 from jurassiglip.data import masks
@@ -108,25 +109,11 @@ def test_compressed_rle_round_trips_as_str_and_bytes(mask):
     assert masks.ann_to_rle(as_bytes, h, w).rle == rle
 
 
-def _runs(mask: np.ndarray) -> list[int]:
-    """COCO uncompressed counts of a mask: alternating background/foreground run lengths, column-major."""
-    flat = mask.flatten(order="F")
-    counts, current, run = [], False, 0
-    for value in flat:
-        if value == current:
-            run += 1
-        else:
-            counts.append(run)
-            current, run = value, 1
-    counts.append(run)
-    return counts
-
-
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 40).flatmap(lambda h: st.integers(1, 40).flatmap(lambda w: arrays(bool, (h, w)))))
 def test_uncompressed_counts_give_back_the_mask(mask):
     h, w = mask.shape
-    converted = masks.ann_to_rle({"size": [h, w], "counts": _runs(mask)}, h, w)
+    converted = masks.ann_to_rle({"size": [h, w], "counts": uncompressed_counts(mask)}, h, w)
     np.testing.assert_array_equal(masks.decode(converted.rle), mask)
 
 

@@ -8,11 +8,10 @@ import logging
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from jurassiglip import checkpoint
 from jurassiglip.config import params_from_dict
-from jurassiglip.data.datasets import CaptionDataset, EpochSampler
+from jurassiglip.data.datasets import CaptionDataset, EpochSampler, batch_loader
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.tokenizer import load_tokenizer, tokenize
 from jurassiglip.features import CachedSegDataset, build_cache
@@ -75,6 +74,40 @@ def test_cache_has_one_vision_pass_per_image_and_is_reused(setup, tmp_path):
     assert sum(seen) == 2 * n_images  # another fingerprint: rebuilt
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batches_are_read_whole_and_match_per_sample_reads(setup, tmp_path, num_workers):
+    """A batch read in one go holds exactly the samples, in the sampler's order, that single reads give."""
+    params, manifest, _, ids, mask, spec = setup
+    train = manifest.samples.loc[manifest.samples["split"] == "train", "sample_id"].to_numpy()
+    order = train[::-1][:10].copy()  # not sorted: the batch must follow the sampler, not the file
+    model = fresh_model(spec)
+    cache = build_cache(model, manifest, ids, mask, train, tmp_path / "features", batch_size=8, fingerprint="x")
+    for dataset in (CaptionDataset(manifest, ids, mask, with_target=True), CachedSegDataset(manifest, cache)):
+        batch = next(iter(batch_loader(dataset, sampler=order, batch_size=10, num_workers=num_workers)))
+        assert batch["sample_id"].tolist() == order.tolist()
+        assert batch["target"].dtype == torch.bool and batch["target"].shape[:2] == (10, 1)
+        for row, sample_id in enumerate(order):
+            single = dataset[int(sample_id)]
+            assert single.keys() == batch.keys()
+            for key, value in single.items():
+                assert torch.equal(value, batch[key][row]), (type(dataset).__name__, key, sample_id)
+        expected = manifest.target_mask(order)
+        assert np.array_equal(batch["target"][:, 0].numpy(), expected)
+        assert batch["no_target"].tolist() == manifest.samples["no_target"].to_numpy()[order].tolist()
+
+
+def test_cached_dataset_names_samples_missing_from_the_cache(setup, tmp_path):
+    params, manifest, _, ids, mask, spec = setup
+    split = manifest.samples["split"]
+    train = manifest.samples.loc[split == "train", "sample_id"].to_numpy()
+    test = manifest.samples.loc[split == "test", "sample_id"].to_numpy()
+    cache = build_cache(fresh_model(spec), manifest, ids, mask, train, tmp_path / "features", batch_size=8,
+                        fingerprint="x")
+    dataset = CachedSegDataset(manifest, cache)
+    with pytest.raises(IndexError, match=rf"samples \[{test[0]}\] are not in the feature cache"):
+        next(iter(batch_loader(dataset, sampler=[int(train[0]), int(test[0])], batch_size=2)))
+
+
 def test_cached_and_live_paths_give_the_same_loss(setup, tmp_path):
     params, manifest, _, ids, mask, spec = setup
     model = fresh_model(spec)
@@ -84,8 +117,8 @@ def test_cached_and_live_paths_give_the_same_loss(setup, tmp_path):
     cache = build_cache(model, manifest, ids, mask, sample_ids, tmp_path / "features", batch_size=4,
                         fingerprint="x")
     train_head_only(model)
-    cached_batch = next(iter(DataLoader(CachedSegDataset(manifest, cache), batch_size=12, sampler=sample_ids)))
-    live_batch = next(iter(DataLoader(CaptionDataset(manifest, ids, mask, with_target=True), batch_size=12,
+    cached_batch = next(iter(batch_loader(CachedSegDataset(manifest, cache), batch_size=12, sampler=sample_ids)))
+    live_batch = next(iter(batch_loader(CaptionDataset(manifest, ids, mask, with_target=True), batch_size=12,
                                       sampler=sample_ids)))
     cached = cached_loss_fn(model, params.finetune)(cached_batch)
     live = live_loss_fn(model, params.finetune)(live_batch)
@@ -101,7 +134,7 @@ def test_stage2_loss_adds_the_weighted_no_target_term(setup, tmp_path):
     # a batch holding both kinds of caption, so the no-target term sees both labels
     sample_ids = np.concatenate([samples.loc[samples["no_target"], "sample_id"].to_numpy()[:3],
                                  samples.loc[~samples["no_target"], "sample_id"].to_numpy()[:5]])
-    batch = next(iter(DataLoader(CaptionDataset(manifest, ids, mask, with_target=True), batch_size=8,
+    batch = next(iter(batch_loader(CaptionDataset(manifest, ids, mask, with_target=True), batch_size=8,
                                  sampler=sample_ids)))
     assert batch["no_target"].tolist() == [True] * 3 + [False] * 5
     without = live_loss_fn(model, dataclasses.replace(params.finetune, no_target_weight=0.0))(batch)
@@ -124,12 +157,12 @@ def _seg_fit(setup, model, ckpt_dir, epochs, tracker, train_batches=None, schedu
 
     def batches(epoch):
         sampler.set_epoch(epoch)
-        return DataLoader(dataset, batch_size=16, sampler=sampler)
+        return batch_loader(dataset, batch_size=16, sampler=sampler)
 
     optimizer = torch.optim.AdamW(model.trainable_for_finetune(), lr=1e-2)
     return fit(model=model, optimizer=optimizer, loss_fn=live_loss_fn(model, params.finetune),
                train_batches=train_batches or batches,
-               val_batches=lambda: DataLoader(dataset, batch_size=16, sampler=val_ids),
+               val_batches=lambda: batch_loader(dataset, batch_size=16, sampler=val_ids),
                settings=LoopSettings(epochs=epochs, patience=5, log_every=1, max_val_batches=0,
                                      lr_schedule=schedule),
                ckpt_dir=ckpt_dir, best_payload=lambda: {"spec": spec, "model": model.state_dict(),
@@ -152,7 +185,7 @@ def test_interrupted_fit_resumes_to_the_same_result(setup, tmp_path, schedule):
         sampler = EpochSampler(setup[1].samples.loc[setup[1].samples["split"] == "train", "sample_id"].to_numpy(),
                                None, seed=3)
         sampler.set_epoch(epoch)
-        return DataLoader(CaptionDataset(setup[1], setup[3], setup[4], with_target=True), batch_size=16,
+        return batch_loader(CaptionDataset(setup[1], setup[3], setup[4], with_target=True), batch_size=16,
                           sampler=sampler)
 
     with pytest.raises(KeyboardInterrupt):
@@ -192,8 +225,8 @@ def test_non_finite_loss_names_step_and_samples(setup, tmp_path):
 
     with pytest.raises(NonFiniteLoss, match=r"epoch 1 step 1.*sample ids \[0, 1, 2, 3\]"):
         fit(model=model, optimizer=optimizer, loss_fn=nan_loss,
-            train_batches=lambda e: DataLoader(dataset, batch_size=4, sampler=sample_ids),
-            val_batches=lambda: DataLoader(dataset, batch_size=4, sampler=sample_ids),
+            train_batches=lambda e: batch_loader(dataset, batch_size=4, sampler=sample_ids),
+            val_batches=lambda: batch_loader(dataset, batch_size=4, sampler=sample_ids),
             settings=LoopSettings(1, 1, 1, 0), ckpt_dir=tmp_path, best_payload=dict, run_fingerprint="f",
             tracker=NullTracker())
     assert not (tmp_path / "best.pt").exists()

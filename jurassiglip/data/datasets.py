@@ -5,6 +5,12 @@ knows which samples it holds (error messages and the per-sample table name
 them). Images come from the memory-mapped store build_manifest wrote; no
 JPEG is opened and no polygon decoded here.
 
+Datasets read a whole batch at once (`__getitems__`: one fancy index per
+array instead of one read and one `torch.stack` per sample) and hand it to
+the DataLoader already collated; build loaders with `batch_loader`, whose
+`collate` passes such a batch through. Targets stay bool (B, 1, S, S) until
+the loss: an eighth of the memory and copies of float32.
+
 Samplers are seeded per epoch (seed, epoch), so a run resumed at an epoch
 boundary sees exactly the batches an uninterrupted run would have seen, and
 under DDP each rank takes its own slice of the same permutation: every
@@ -18,13 +24,44 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import default_collate
 
 from jurassiglip.data.manifest import Manifest
 
 
-class CaptionDataset(Dataset):
+class BatchDataset(Dataset):
+    """A dataset indexed by sample_id that reads whole batches; subclasses implement `fetch`."""
+
+    def fetch(self, sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """The collated batch of `sample_ids` (int64 array, in that order)."""
+        raise NotImplementedError
+
+    def __getitems__(self, sample_ids: list[int]) -> dict[str, torch.Tensor]:
+        return self.fetch(np.asarray(sample_ids, dtype=np.int64))
+
+    def __getitem__(self, sample_id: int) -> dict[str, torch.Tensor]:
+        return {key: value[0] for key, value in self.fetch(np.array([sample_id], dtype=np.int64)).items()}
+
+
+def collate(batch: dict[str, torch.Tensor] | list) -> dict[str, torch.Tensor]:
+    """DataLoader collate_fn: a batch from `__getitems__` passes through, a list of items is stacked."""
+    return batch if isinstance(batch, dict) else default_collate(batch)
+
+
+def batch_loader(dataset: Dataset, *, sampler, batch_size: int, num_workers: int = 0,
+                 drop_last: bool = False) -> DataLoader:
+    """The DataLoader every stage uses: batches of `batch_size` sample ids from `sampler`."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      drop_last=drop_last, collate_fn=collate)
+
+
+class CaptionDataset(BatchDataset):
     """(image, caption tokens[, target mask and no-target flag]) per sample, straight from the manifest.
+
+    A batch holds sample_id (B,), image_index (B,), image uint8 (B, 3, S, S),
+    input_ids and attention_mask (B, L), and with `with_target` also target
+    bool (B, 1, S, S) and no_target bool (B,).
 
     Args:
         manifest: the loaded manifest.
@@ -44,26 +81,25 @@ class CaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_index)
 
-    def __getitem__(self, sample_id: int) -> dict[str, torch.Tensor]:
-        image_index = int(self.image_index[sample_id])
-        image = torch.from_numpy(np.array(self.manifest.images[image_index])).permute(2, 0, 1)  # (3, S, S)
-        item = {
-            "sample_id": torch.tensor(sample_id),
-            "image_index": torch.tensor(image_index),
-            "image": image,
-            "input_ids": self.input_ids[sample_id],
-            "attention_mask": self.attention_mask[sample_id],
+    def fetch(self, sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        image_index = self.image_index[sample_ids]
+        ids = torch.from_numpy(sample_ids)
+        batch = {
+            "sample_id": ids,
+            "image_index": torch.from_numpy(image_index.astype(np.int64)),
+            "image": torch.from_numpy(self.manifest.images[image_index]).permute(0, 3, 1, 2),  # (B, 3, S, S) view of (B, S, S, 3)
+            "input_ids": self.input_ids[ids],
+            "attention_mask": self.attention_mask[ids],
         }
         if self.with_target:
-            item["target"] = target_tensor(self.manifest, sample_id)
-            item["no_target"] = torch.tensor(bool(self.no_target[sample_id]))
-        return item
+            batch["target"] = target_masks(self.manifest, sample_ids)
+            batch["no_target"] = torch.from_numpy(self.no_target[sample_ids])
+        return batch
 
 
-def target_tensor(manifest: Manifest, sample_id: int) -> torch.Tensor:
-    """The training-size target of one sample as float (1, S, S)."""
-    mask = manifest.target_mask([sample_id])[0]  # (S, S) bool
-    return torch.from_numpy(mask).float().unsqueeze(0)
+def target_masks(manifest: Manifest, sample_ids: np.ndarray) -> torch.Tensor:
+    """Training-size targets of `sample_ids` as bool (B, 1, S, S)."""
+    return torch.from_numpy(manifest.target_mask(sample_ids)).unsqueeze(1)
 
 
 class EpochSampler(Sampler[int]):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+from coco_rle import uncompressed_rle
 from pycocotools import mask as coco_mask
 
 # image_id -> (file_name, height, width, Pillow mode)
@@ -35,20 +36,6 @@ def block(height: int, width: int, rows: slice, cols: slice) -> np.ndarray:
     m = np.zeros((height, width), dtype=bool)
     m[rows, cols] = True
     return m
-
-
-def uncompressed_rle(mask: np.ndarray) -> dict:
-    """COCO uncompressed RLE, written by hand: column-major runs starting with zeros."""
-    flat = mask.flatten(order="F").astype(np.uint8)
-    counts, current, run = [], 0, 0
-    for v in flat:
-        if v == current:
-            run += 1
-        else:
-            counts.append(run)
-            current, run = v, 1
-    counts.append(run)
-    return {"size": list(mask.shape), "counts": counts}
 
 
 def compressed_rle(mask: np.ndarray) -> dict:

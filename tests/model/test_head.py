@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jurassiglip.model.head import NoTargetHead, SegHead
+from jurassiglip.model.head import NoTargetHead, SegHead, bilinear_upsample, interpolation_matrix
 
 
 def test_shapes():
@@ -37,6 +37,27 @@ def test_upsampling_is_bilinear_without_corner_alignment():
         coarse = head(tokens, grid=2, out_size=2)
         fine = head(tokens, grid=2, out_size=8)
     torch.testing.assert_close(fine, F.interpolate(coarse, size=(8, 8), mode="bilinear", align_corners=False))
+
+
+def test_interpolation_matrix_by_hand():
+    """2 -> 4 points, half-pixel centres: outputs sit at -0.25 (clamped to 0), 0.25, 0.75, 1.25 (clamped to 1)."""
+    weights = interpolation_matrix(2, 4, torch.float32, torch.device("cpu"))
+    expected = torch.tensor([[1.0, 0.0], [0.75, 0.25], [0.25, 0.75], [0.0, 1.0]])
+    torch.testing.assert_close(weights, expected)
+    torch.testing.assert_close(weights @ torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.25, 0.75, 1.0]))
+
+
+@pytest.mark.parametrize("grid,size", [(16, 128), (32, 512), (5, 13), (3, 3)])
+def test_separable_upsampling_equals_interpolate_with_its_gradient(grid, size):
+    torch.manual_seed(0)
+    scores = torch.randn(3, 1, grid, grid, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 1, size, size, dtype=torch.float64)
+    ours = bilinear_upsample(scores, size)
+    reference = F.interpolate(scores, size=(size, size), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(ours, reference)
+    grad_ours, = torch.autograd.grad((ours * weight).sum(), scores)
+    grad_reference, = torch.autograd.grad((reference * weight).sum(), scores)
+    torch.testing.assert_close(grad_ours, grad_reference)
 
 
 def test_grid_must_match_token_count():

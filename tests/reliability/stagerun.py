@@ -127,13 +127,15 @@ def run_stage(root: Path, stage: str, env: dict[str, str] | None = None) -> subp
                           capture_output=True, text=True, timeout=900)
 
 
-def kill_when(root: Path, stage: str, marker: str, pipe_bytes: int = 4096) -> str:
-    """Start `stage` in `root`, SIGKILL it as soon as its log shows `marker`; return the log up to then.
+def kill_when(root: Path, stage: str, marker: str, pipe_bytes: int = 4096, sig: int = signal.SIGKILL) -> str:
+    """Start `stage` in `root`, send it `sig` as soon as its log shows `marker`; return the log up to then.
 
     The log goes into a pipe shrunk to `pipe_bytes`: after the marker the test
     stops reading, so the stage can write at most that much more before it
     blocks. As long as the rest of the run would log more, the kill lands
-    before the stage can finish, whatever the speed of the machine.
+    before the stage can finish, whatever the speed of the machine. A signal
+    the stage handles (SIGTERM) lets it log on its way out, so the rest of the
+    log is drained then (and returned too); the exit code must be 128 + sig.
     """
     read_end, write_end = os.pipe()
     fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), pipe_bytes)
@@ -148,11 +150,14 @@ def kill_when(root: Path, stage: str, marker: str, pipe_bytes: int = 4096) -> st
                 if marker in line:
                     break
         finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=60)
+            proc.send_signal(sig)
+            if sig != signal.SIGKILL:
+                seen.extend(log)  # until the stage closes its end
+            proc.wait(timeout=120)
     text = "".join(seen)
     assert marker in text, f"{stage} ended before logging {marker!r}:\n{text[-3000:]}"
-    assert proc.returncode == -signal.SIGKILL
+    expected = -signal.SIGKILL if sig == signal.SIGKILL else 128 + sig
+    assert proc.returncode == expected, (proc.returncode, text[-3000:])
     return text
 
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import subprocess
 
 import pytest
 from mlflow.tracking import MlflowClient
-from stagerun import (PYTHON, assert_same_weights, clone_project, metrics, project_like, run_in_process, stage_env,
-                      stage_runs)
+from stagerun import (PYTHON, assert_same_weights, clone_project, kill_when, metrics, project_like, run_in_process,
+                      stage_env, stage_runs)
 
 from jurassiglip import checkpoint
 
@@ -68,6 +69,20 @@ def test_restarted_stage_resumes_and_matches_the_uninterrupted_run(killed, refer
     assert [r.info.status for r in attempts] == ["RUNNING", "FINISHED"]  # SIGKILL cannot mark its own run
     curve = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_metric_history(attempts[-1].info.run_id, "val_loss")
     assert sorted(m.step for m in curve) == [1, 2, 3]  # the resumed run carries the whole curve
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_stage_cleanly_and_marks_its_run_killed(reference_run, tmp_path):
+    """What torchrun sends the surviving ranks when one fails, and what `kill` and job schedulers send."""
+    root = project_like(reference_run.root, tmp_path / "project", "build_manifest", "contrastive_pretrain")
+    log = kill_when(root, "seg_finetune", "epoch 2 step 1/", sig=signal.SIGTERM)  # asserts exit code 143
+    assert "seg_finetune: stopped by SIGTERM" in log
+    assert 1 <= epochs_done(root / CKPT / "latest.pt")  # the finished epoch's checkpoint stays usable
+    assert not (root / "data/seg_finetune/metrics.json").exists()
+    attempts = stage_runs(root, "seg_finetune")
+    assert [r.info.status for r in attempts] == ["KILLED"]
+    parent = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(attempts[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "KILLED"
 
 
 @pytest.mark.slow
