@@ -1,4 +1,4 @@
-"""Loading a training sample the way the prototype notebook did (the baseline of R2 and R3).
+"""The prototype notebook's way of loading a sample and of computing the stage-2 loss (baselines of R2, R3).
 
 Per sample: open the image file, convert to RGB and PIL-resize it to the
 model size; decode every COCO annotation of the ref with pycocotools
@@ -8,6 +8,12 @@ left out: reading instances.json and the refs file happens once, in the
 constructor. So is tokenisation (both sides get the same pre-tokenised ids)
 and the DINOv3 image processor's normalisation (our model does it on the
 tensor): leaving them out can only make the baseline faster.
+
+Stage-2 step (`prototype_loss_fn`): frozen towers live on every batch, then
+the same fusion and heads as ours, with the mask logits upsampled by
+F.interpolate and the loss as two autograd losses (Dice, then Focal), as
+the notebook computed them; the no-target term is added as ours does, so
+both sides train the same parameters.
 """
 
 from __future__ import annotations
@@ -19,11 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from jurassiglip.config import FinetuneConfig
 from jurassiglip.data.manifest import Manifest
+from jurassiglip.losses import dice_loss, focal_loss, no_target_loss
+from jurassiglip.model.model import JurasSigLIP
 
 NO_TARGET = -1  # gRefCOCO's ann_id for "refers to nothing"
 
@@ -93,3 +103,24 @@ class PrototypeCaptionDataset(Dataset):
             "target": torch.from_numpy(target).float().unsqueeze(0),  # (1, S, S)
             "no_target": torch.tensor(self.loader.no_target(ref_id)),
         }
+
+
+def prototype_loss_fn(model: JurasSigLIP, cfg: FinetuneConfig):
+    """Stage-2 loss of a batch of images and captions, computed the prototype's way (see the module doc)."""
+
+    def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            patches, _ = model.encode_image(batch["image"])  # (B, N, D)
+            tokens, mask, _ = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        fused = model.fuse(patches, tokens, mask)  # (B, N, D)
+        scores = model.head.mlp(fused).reshape(len(fused), 1, model.grid, model.grid)  # (B, 1, g, g)
+        logits = F.interpolate(scores, size=(model.image_size, model.image_size), mode="bilinear",
+                               align_corners=False)  # (B, 1, S, S)
+        target = batch["target"].float()
+        loss = cfg.dice_weight * dice_loss(logits, target) + \
+            cfg.focal_weight * focal_loss(logits, target, cfg.focal_alpha, cfg.focal_gamma)
+        if cfg.no_target_weight:
+            loss = loss + cfg.no_target_weight * no_target_loss(model.no_target(fused), batch["no_target"])
+        return loss
+
+    return loss_fn

@@ -1,10 +1,12 @@
 """R3: a stage-2 epoch with its DataLoader, prototype-style vs ours (tiny preset).
 
 - prototype-style: every caption decoded from the source files (JPEG, COCO
-  annotations, resize; benchmarks/prototype.py), the frozen towers run live
-  on every batch, then fusion + head train (jurassiglip.finetuning's live loss,
-  so it gets this library's one-pass loss and matmul upsampling too, which
-  the prototype did not have: the speed-up is, if anything, understated);
+  annotations, resize), the frozen towers run live on every batch, then
+  fusion + heads train with F.interpolate and the two autograd losses
+  (benchmarks/prototype.py);
+- prototype-style, our step: the same decoding and live towers, but
+  jurassiglip.finetuning's live loss (matmul upsampling, one-pass loss):
+  what the feature cache and the manifest alone are worth;
 - ours: CachedSegDataset over the manifest and the fp16 feature cache, only
   fusion + head run (jurassiglip.finetuning's cached loss).
 
@@ -29,7 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from benchmarks.harness import Options, interleaved, section, table, verdict
-from benchmarks.prototype import PrototypeCaptionDataset, PrototypeLoader
+from benchmarks.prototype import PrototypeCaptionDataset, PrototypeLoader, prototype_loss_fn
 from benchmarks.setups import tiny
 from jurassiglip.data.datasets import EpochSampler, batch_loader
 from jurassiglip.features import CachedSegDataset, build_cache
@@ -74,9 +76,10 @@ def run(opts: Options) -> None:
         train_head_only(model)
         loader = PrototypeLoader(setup.source.grefs_path, setup.source.instances_path, setup.source.images_dir,
                                  manifest.image_size)
+        prototype = PrototypeCaptionDataset(loader, manifest, setup.input_ids, setup.attention_mask)
         variants = {
-            "prototype-style": (PrototypeCaptionDataset(loader, manifest, setup.input_ids, setup.attention_mask),
-                                live_loss_fn(model, finetune)),
+            "prototype-style": (prototype, prototype_loss_fn(model, finetune)),
+            "prototype-style, our step": (prototype, live_loss_fn(model, finetune)),
             "ours": (CachedSegDataset(manifest, cache), cached_loss_fn(model, finetune)),
         }
 
@@ -91,6 +94,9 @@ def run(opts: Options) -> None:
                     optimizer.step()
             return go
 
+        first = next(iter(batch_loader(prototype, sampler=warm.tolist(), batch_size=batch_size)))
+        with torch.no_grad():
+            losses = {name: float(fn(first)) for name, (_, fn) in variants.items() if name != "ours"}
         for dataset, loss_fn in variants.values():  # warm-up on other batches of the epoch
             epoch_part(dataset, loss_fn, warm)()
         times = interleaved({name: epoch_part(ds, fn, timed) for name, (ds, fn) in variants.items()},
@@ -111,6 +117,8 @@ def run(opts: Options) -> None:
           f"full epoch = ms/batch x {epoch_batches}")
     print(table(["variant", "batches", "samples", "s (timed)", "spread", "ms/batch", "s/epoch (est.)",
                  "speed-up", "goal", "verdict"], rows))
+    print("sanity, one batch: prototype-style loss " + ", ".join(f"{v:.6f}" for v in losses.values()) +
+          " (the prototype's way, ours): the same loss")
     epoch_ours = ours / n_batches * epoch_batches
     epoch_proto = proto / n_batches * epoch_batches
     scope = "the whole training split" if cfg["cache_all"] else "the timed and warm-up captions only (--quick)"
