@@ -1,8 +1,9 @@
 """Run the speed benchmarks: `python -m benchmarks [--quick] [--only R1,R3] [--threads 2]`.
 
-From the repository root, after `dvc repro` (R1-R3 need the manifest of
-build_manifest, R4 uses the seg_finetune checkpoint when there is one). Each
-benchmark prints its table; nothing is asserted. `--quick` shrinks sizes and
+From the repository root; nothing else is needed: the default synthetic
+data is built from params.yaml into a temporary folder and the models have
+random weights (speed does not depend on them). Each benchmark prints its
+table; nothing is asserted. `--quick` shrinks sizes and
 repeats so the whole suite checks out in about a minute (its figures are
 rough); the figures in benchmarks/README.md come from a full run.
 """
