@@ -40,7 +40,15 @@ def save(path: Path, payload: dict[str, Any]) -> None:
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         log.info("removing %s, left by a writer that was killed", stale)
         stale.unlink(missing_ok=True)
-    atomic.write_with(path, lambda tmp: torch.save({"format": FORMAT, **payload}, tmp))
+    atomic.write_with(path, lambda tmp: _save_to(tmp, {"format": FORMAT, **payload}))
+
+
+def _save_to(path: Path, payload: dict[str, Any]) -> None:
+    # Through a file object: torch.save names the records inside its zip after the
+    # file it is given, and the temporary name is random; the same payload must
+    # give the same bytes, or DVC sees a new checkpoint on every run.
+    with open(path, "wb") as file:
+        torch.save(payload, file)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

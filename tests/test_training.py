@@ -108,6 +108,23 @@ def test_cached_dataset_names_samples_missing_from_the_cache(setup, tmp_path):
         next(iter(batch_loader(dataset, sampler=[int(train[0]), int(test[0])], batch_size=2)))
 
 
+def test_same_inputs_give_byte_identical_checkpoints_and_cache(setup, tmp_path):
+    """DVC hashes outputs by their bytes: identical runs must not write different files."""
+    params, manifest, _, ids, mask, spec = setup
+    train = manifest.samples.loc[manifest.samples["split"] == "train", "sample_id"].to_numpy()
+    folders = []
+    for name in ("one", "two"):
+        model = fresh_model(spec)
+        checkpoint.save(tmp_path / f"{name}.pt", {"spec": spec, "model": model.state_dict()})
+        build_cache(model, manifest, ids, mask, train, tmp_path / name, batch_size=8, fingerprint="same")
+        folders.append(tmp_path / name)
+    assert (tmp_path / "one.pt").read_bytes() == (tmp_path / "two.pt").read_bytes()
+    files = sorted(p.name for p in folders[0].iterdir())
+    assert files == sorted(p.name for p in folders[1].iterdir())
+    for name in files:
+        assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes(), name
+
+
 def test_cached_and_live_paths_give_the_same_loss(setup, tmp_path):
     params, manifest, _, ids, mask, spec = setup
     model = fresh_model(spec)
