@@ -24,8 +24,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from jurassiglip.data.manifest import Manifest
 
@@ -87,7 +86,8 @@ class CaptionDataset(BatchDataset):
         batch = {
             "sample_id": ids,
             "image_index": torch.from_numpy(image_index.astype(np.int64)),
-            "image": torch.from_numpy(self.manifest.images[image_index]).permute(0, 3, 1, 2),  # (B, 3, S, S) view of (B, S, S, 3)
+            # (B, 3, S, S), a view of the stored (B, S, S, 3): the model's first op copies it anyway
+            "image": torch.from_numpy(self.manifest.images[image_index]).permute(0, 3, 1, 2),
             "input_ids": self.input_ids[ids],
             "attention_mask": self.attention_mask[ids],
         }
