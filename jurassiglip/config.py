@@ -6,6 +6,13 @@ Every dataclass below mirrors one section of params.yaml, field for field, so
 here has one, so a missing key fails at load time. Unknown keys, wrong types
 and values out of range fail too, before any work, with the dotted key and
 the offending value in the message.
+
+A knob whose right value depends on a choice made elsewhere (the learning
+rate on `model.preset`, the splits on `data.source`) is written in
+params.yaml as a mapping keyed by every option of that choice, e.g.
+`lr: {tiny: 3.0e-3, real: 1.0e-4}`; `resolve_choices` picks the active value
+before anything else reads the tree, so code, MLflow and `dvc exp show` see
+one number. A plain value (`-S pretrain.lr=1e-3`) applies to every option.
 """
 
 from __future__ import annotations
@@ -20,6 +27,12 @@ from typing import Any, Literal
 import yaml
 
 PARAMS_FILE = "params.yaml"
+
+# The choices other knobs may depend on: dotted key -> its options.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.preset": ("tiny", "real"),
+    "data.source": ("synthetic", "grefcoco"),
+}
 
 
 class ConfigError(ValueError):
@@ -38,8 +51,10 @@ class DataConfig:
     max_refs_per_split: int
     drop_no_target: bool
     on_bad_image: Literal["fail", "skip"]
+    workers: int
 
     def validate(self, key: str) -> None:
+        _require(self.workers >= 0, f"{key}.workers", self.workers, "must be >= 0 (0 = one per core)")
         _require(len(self.splits) > 0, f"{key}.splits", self.splits, "must name at least one split")
         _require(len(set(self.splits)) == len(self.splits), f"{key}.splits", self.splits, "has duplicates")
         for name in ("train_split", "val_split"):
@@ -99,6 +114,7 @@ class TinyPreset:
     text_heads: int
     text_mlp: int
     text_max_len: int
+    text_tower_mask: bool
     shared_dim: int
     fusion_inner_dim: int
     fusion_heads: int
@@ -126,6 +142,7 @@ class RealPreset:
     vision_name: str
     text_name: str
     text_max_len: int
+    text_tower_mask: bool
     shared_dim: int
     fusion_inner_dim: int
     fusion_heads: int
@@ -296,12 +313,14 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class LauncherConfig:
     command: str
+    timeout_s: int
 
     def validate(self, key: str) -> None:
         _require(bool(self.command.strip()), f"{key}.command", self.command,
                  "must name the program that runs a training stage module (python, or torchrun with its flags)")
         _require(" -m " not in f" {self.command} ", f"{key}.command", self.command,
                  "must not contain -m: dvc.yaml appends `-m stages.<name>` itself")
+        _require(self.timeout_s > 0, f"{key}.timeout_s", self.timeout_s, "must be > 0 (seconds)")
 
 
 @dataclass(frozen=True)
@@ -365,9 +384,44 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
 
 def params_from_dict(raw: Any) -> Params:
     """Build and validate Params from a plain dict (as parsed from YAML)."""
-    params = _build(Params, raw, "")
+    params = _build(Params, resolve_choices(raw), "")
     params.validate()
     return params
+
+
+def resolve_choices(tree: Any) -> Any:
+    """Replace every per-choice mapping in a raw params tree by the active option's value.
+
+    A mapping whose keys are exactly the options of one of `CHOICES` (e.g.
+    `{tiny: 3.0e-3, real: 1.0e-4}`) becomes the value for the option params
+    selects (`model.preset`). Everything else is returned unchanged (copied).
+
+    Raises:
+        ConfigError: a choice's own value is not one of its options.
+    """
+    if not isinstance(tree, dict):
+        return tree
+    active: dict[frozenset[str], str] = {}
+    for key, options in CHOICES.items():
+        section, name = key.split(".")
+        value = tree.get(section, {}).get(name) if isinstance(tree.get(section), dict) else None
+        if value is None:
+            continue  # missing: _build names the key
+        if value not in options:
+            raise ConfigError(f"{key} = {value!r} must be one of {list(options)}")
+        active[frozenset(options)] = value
+
+    def pick(node: Any) -> Any:
+        if isinstance(node, dict):
+            option = active.get(frozenset(node))
+            if option is not None:
+                return pick(node[option])
+            return {k: pick(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [pick(v) for v in node]
+        return node
+
+    return pick(tree)
 
 
 def flatten(tree: dict[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:

@@ -42,7 +42,7 @@ import yaml
 
 import jurassiglip  # noqa: F401  (sets the telemetry switches before mlflow is imported)
 from jurassiglip import atomic
-from jurassiglip.config import PARAMS_FILE, Params, flatten
+from jurassiglip.config import PARAMS_FILE, ConfigError, Params, flatten, resolve_choices
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,8 @@ def changed_params(current: dict[str, Any], cwd: str | Path | None = None) -> di
     try:
         out = subprocess.run(["git", "show", f"HEAD:{PARAMS_FILE}"], cwd=cwd, capture_output=True, text=True,
                              check=True)
-        baseline = flatten(yaml.safe_load(out.stdout) or {})
-    except (OSError, subprocess.CalledProcessError, yaml.YAMLError):
+        baseline = flatten(resolve_choices(yaml.safe_load(out.stdout) or {}))
+    except (OSError, subprocess.CalledProcessError, yaml.YAMLError, ConfigError):
         return {}
     flat = flatten(current)
     return {k: v for k, v in flat.items() if baseline.get(k, object()) != v}
@@ -273,6 +273,10 @@ def record_failure(stage: str, error: BaseException, params_file: str | Path = P
     """
     try:
         tree = yaml.safe_load(Path(params_file).read_text())
+        try:
+            tree = resolve_choices(tree)
+        except ConfigError:
+            pass  # an invalid choice is the error being reported: log the tree as it is
         experiment = tree["tracking"]["experiment"]
         uri = tracking_uri()
         check_store(uri)
