@@ -76,7 +76,7 @@ def build_model(spec: dict[str, Any], *, lora: bool = True) -> JurasSigLIP:
             raise ValueError(f"lora.targets = {cfg['targets']!r}: {err}") from None
         log.info("LoRA r=%d alpha=%g on vision %s and text %s", cfg["r"], cfg["alpha"], vision_names, text_names)
     vision = VisionTower(vision_backbone, spec["image_mean"], spec["image_std"])
-    text = TextTower(text_backbone, arch["shared_dim"])
+    text = TextTower(text_backbone, arch["shared_dim"], mask_inside=arch["text_tower_mask"])
     fusion = CrossAttention(dim=arch["shared_dim"], inner_dim=arch["fusion_inner_dim"], heads=arch["fusion_heads"])
     head = SegHead(dim=arch["shared_dim"], hidden=arch["head_hidden"])
     no_target = NoTargetHead(dim=arch["shared_dim"], hidden=arch["head_hidden"])

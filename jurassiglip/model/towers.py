@@ -118,14 +118,23 @@ class TextTower(nn.Module):
     feature with the CLS token. Padded positions of the returned tokens hold
     arbitrary values: consumers must use the returned mask (the fusion does).
 
+    SigLIP2 was trained on captions right-padded to 64 tokens with no
+    attention mask inside the text tower (big_vision): its real tokens also
+    attend to the pads, and the checkpoint's weights expect that. So the mask
+    is passed into the backbone only when `mask_inside` is set (the tiny
+    random tower, trained here with it); either way it hides the padding from
+    the global feature here and from the cross-attention downstream.
+
     Args:
         backbone: a `Siglip2TextModel` (or a peft model wrapping one).
         shared_dim: width D of the projected tokens (= the vision hidden size).
+        mask_inside: pass the attention mask to the backbone's self-attention.
     """
 
-    def __init__(self, backbone: nn.Module, shared_dim: int):
+    def __init__(self, backbone: nn.Module, shared_dim: int, mask_inside: bool = True):
         super().__init__()
         self.backbone = backbone
+        self.mask_inside = mask_inside
         # Named `projection`, not `down_proj`: that name is a LoRA target in the vision MLP.
         self.projection = nn.Linear(int(backbone.config.hidden_size), shared_dim, bias=False)
 
@@ -147,7 +156,8 @@ class TextTower(nn.Module):
             tokens (B, L, D), the same attention_mask (B, L), and global (B, D),
             the mean of the projected tokens over real positions.
         """
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, E)
+        inside = attention_mask if self.mask_inside else None
+        hidden = self.backbone(input_ids=input_ids, attention_mask=inside).last_hidden_state  # (B, L, E)
         tokens = self.projection(hidden)  # (B, L, D)
         weights = attention_mask.to(tokens.dtype).unsqueeze(-1)  # (B, L, 1)
         # clamp: a caption with no real token gets a zero global feature instead of 0/0
