@@ -17,7 +17,8 @@ id or a local directory.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -235,30 +236,37 @@ def tiny_siglip2_text(
     return Siglip2TextModel(config)
 
 
-def load_pretrained_vision(name_or_dir: str) -> DINOv3ViTModel:
+def load_pretrained_vision(name_or_dir: str, *, revision: str | None = None,
+                           local_files_only: bool = False) -> DINOv3ViTModel:
     """Load a pretrained DINOv3 ViT from a hub id or a local directory.
 
     Uses `AutoModel`, as the prototype did; anything but a `DINOv3ViTModel`
     (e.g. a DINOv3 ConvNeXt, which has no CLS/register/patch token layout) is
-    refused.
+    refused. `local_files_only` keeps it to a local folder or the local
+    Hugging Face cache.
     """
-    model = AutoModel.from_pretrained(name_or_dir)
+    with _quiet_load_report():
+        model = AutoModel.from_pretrained(name_or_dir, revision=revision, local_files_only=local_files_only)
     if not isinstance(model, DINOv3ViTModel):
         raise TypeError(f"{name_or_dir!r} loads as {type(model).__name__}, expected a DINOv3ViTModel checkpoint")
     return model
 
 
-def load_pretrained_text(name_or_dir: str) -> Siglip2TextModel:
+def load_pretrained_text(name_or_dir: str, *, revision: str | None = None,
+                         local_files_only: bool = False) -> Siglip2TextModel:
     """Load a pretrained SigLIP2 text tower from a hub id or a local directory.
 
     Accepts a text-only checkpoint and a full SigLIP2 checkpoint (such as
     google/siglip2-base-patch16-512, the prototype's). For the full one,
     `Siglip2TextModel.from_pretrained` picks `text_config` out of the
     Siglip2Config and the `text_model.*` weights out of the state dict, so the
-    vision tower is never built; its weights are the expected leftovers.
-    Any missing text weight is an error.
+    vision tower is never built; its weights are the expected leftovers (and
+    transformers' per-key load report of them is silenced). Any missing text
+    weight is an error.
     """
-    model, info = Siglip2TextModel.from_pretrained(name_or_dir, output_loading_info=True)
+    with _quiet_load_report():
+        model, info = Siglip2TextModel.from_pretrained(name_or_dir, revision=revision,
+                                                       local_files_only=local_files_only, output_loading_info=True)
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise RuntimeError(f"{name_or_dir!r} lacks SigLIP2 text weights: {missing[:10]} ({len(missing)} in all)")
@@ -266,3 +274,16 @@ def load_pretrained_text(name_or_dir: str) -> Siglip2TextModel:
     if leftovers:
         logger.warning("unused weights in %s: %s", name_or_dir, sorted(leftovers)[:10])
     return model
+
+
+@contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    """transformers logs a table row per unused weight (hundreds for a full SigLIP2); checked here instead."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
