@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ class RefDataset:
         the text-blind "all objects" baseline are both built from these).
     image_objects: image_id -> ann_ids of its usable objects, in file order.
     counts: what was skipped or dropped, see `read_refs`.
+    missing_splits: listed, optional splits the file has no refs of (skipped).
     """
 
     images: dict[int, ImageInfo]
@@ -100,6 +102,7 @@ class RefDataset:
     annotations: dict[int, Annotation] = field(default_factory=dict)
     image_objects: dict[int, tuple[int, ...]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    missing_splits: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -274,18 +277,29 @@ def _resolve_targets(ref: _Ref, anns: dict[int, dict]) -> None:
     ref.targets = tuple(dict.fromkeys(kept))  # a repeated id is still one object
 
 
-def _check_splits(refs: list[_Ref], splits: list[str], path: Path, stage: str) -> None:
+def _check_splits(refs: list[_Ref], splits: list[str], required: Collection[str], path: Path,
+                  stage: str) -> list[str]:
+    """The listed splits without refs; an error for a required one."""
     present = Counter(r.split for r in refs)
+    missing = []
     for split in splits:
         if present[split] == 0:
             existing = ", ".join(sorted(present)) or "none"
-            raise DataError(f"{path}: split '{split}' has no refs {stage}; splits present: {existing}")
+            if split in required:
+                raise DataError(f"{path}: split '{split}' has no refs {stage}; splits present: {existing}")
+            log.warning("%s: split '%s' has no refs %s (splits present: %s); it is skipped", path, split, stage,
+                        existing)
+            missing.append(split)
+    return missing
 
 
-def _select(refs: list[_Ref], splits: list[str], max_refs: int, drop_no_target: bool,
-            path: Path, counts: Counter) -> list[_Ref]:
-    """Filter refs in file order: listed splits, usable targets, no-target drop, per-split cap."""
-    _check_splits(refs, splits, path, "in the file")
+def _select(refs: list[_Ref], splits: list[str], required: Collection[str], max_refs: int, drop_no_target: bool,
+            path: Path, counts: Counter) -> tuple[list[_Ref], list[str]]:
+    """Filter refs in file order: listed splits, usable targets, no-target drop, per-split cap.
+
+    Returns the kept refs and the listed splits left without any.
+    """
+    missing = _check_splits(refs, splits, required, path, "in the file")
     wanted = set(splits)
     in_splits = [r for r in refs if r.split in wanted]
     counts["refs_other_splits"] = len(refs) - len(in_splits)
@@ -297,7 +311,8 @@ def _select(refs: list[_Ref], splits: list[str], max_refs: int, drop_no_target: 
             counts["refs_no_target_dropped"] += 1
         else:
             kept.append(r)
-    _check_splits(kept, splits, path, "left after dropping no-target / target-less refs")
+    present = [s for s in splits if s not in missing]
+    missing += _check_splits(kept, present, required, path, "left after dropping no-target / target-less refs")
     if max_refs > 0:
         per_split: Counter = Counter()
         capped = []
@@ -307,7 +322,7 @@ def _select(refs: list[_Ref], splits: list[str], max_refs: int, drop_no_target: 
                 capped.append(r)
         counts["refs_capped"] = len(kept) - len(capped)
         kept = capped
-    return kept
+    return kept, missing
 
 
 def _convert_annotations(
@@ -349,13 +364,17 @@ def read_refs(
     splits: list[str],
     max_refs_per_split: int,
     drop_no_target: bool,
+    required_splits: Collection[str] | None = None,
 ) -> RefDataset:
     """Read a gRefCOCO/RefCOCO refs file and its COCO instances into samples.
 
     Args:
         grefs_path: JSON list of refs (`grefs(unc).json`, or a RefCOCO refs file as JSON).
         instances_path: COCO instances JSON with 'images' and 'annotations'.
-        splits: splits to keep; each must have at least one ref.
+        splits: splits to keep.
+        required_splits: those of `splits` that must have refs (default: all); a
+            missing other one is logged and skipped (the first gRefCOCO release
+            has no testA/testB refs) and listed in `missing_splits`.
         max_refs_per_split: keep the first N refs of each split in file order; 0 keeps all.
         drop_no_target: drop no-target refs (the prototype notebook did).
 
@@ -379,7 +398,8 @@ def read_refs(
         _resolve_targets(ref, anns)
 
     counts: Counter = Counter(refs_total=len(refs))
-    kept = _select(refs, splits, max_refs_per_split, drop_no_target, grefs_path, counts)
+    required = set(splits) if required_splits is None else set(required_splits)
+    kept, missing = _select(refs, splits, required, max_refs_per_split, drop_no_target, grefs_path, counts)
     counts["crowd_anns_skipped"] = sum(r.crowd_skipped for r in kept)
 
     samples = [
@@ -401,4 +421,5 @@ def read_refs(
         annotations=converted,
         image_objects=objects,
         counts={k: int(counts[k]) for k in keys},
+        missing_splits=missing,
     )

@@ -2,14 +2,22 @@
 
 Both give the same three paths (refs JSON, COCO instances JSON, images
 folder), so everything downstream reads them with the one real reader.
+
+The source folder (build_manifest's `source/` output) exists for either:
+the generated files for the synthetic set; for gRefCOCO, `source.json`,
+which records the files read (path, size, SHA-256) so that a run says which
+annotations it was built from. The images folder is recorded by path only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from jurassiglip import atomic
 from jurassiglip.config import Params
 
 log = logging.getLogger(__name__)
@@ -22,17 +30,22 @@ class SourceFiles:
     images_dir: Path
 
 
-def resolve_source(params: Params, synthetic_dir: Path) -> SourceFiles:
-    """gRefCOCO paths from params, or generate the synthetic set into `synthetic_dir` first."""
+SOURCE_RECORD = "source.json"
+
+
+def resolve_source(params: Params, source_dir: Path) -> SourceFiles:
+    """gRefCOCO paths from params (recorded in `source_dir`), or the synthetic set generated into `source_dir`."""
     data = params.data
     if data.source == "grefcoco":
-        return SourceFiles(Path(data.grefs_path), Path(data.instances_path), Path(data.images_dir))
+        files = SourceFiles(Path(data.grefs_path), Path(data.instances_path), Path(data.images_dir))
+        record_source(files, source_dir)
+        return files
     from jurassiglip.data.synthetic import generate
 
     syn = params.synthetic
-    log.info("generating the synthetic shapes world (seed %d) into %s", syn.seed, synthetic_dir)
+    log.info("generating the synthetic shapes world (seed %d) into %s", syn.seed, source_dir)
     files = generate(
-        synthetic_dir,
+        source_dir,
         seed=syn.seed,
         n_images={split: syn.n_images[split] for split in data.splits},
         min_objects=syn.min_objects,
@@ -45,3 +58,18 @@ def resolve_source(params: Params, synthetic_dir: Path) -> SourceFiles:
         rle_share=syn.rle_share,
     )
     return SourceFiles(Path(files.grefs_path), Path(files.instances_path), Path(files.images_dir))
+
+
+def record_source(files: SourceFiles, source_dir: Path) -> None:
+    """Write `source_dir/source.json`: which gRefCOCO files were read, with their size and SHA-256."""
+    record = {"source": "grefcoco", "images_dir": str(files.images_dir), "files": {}}
+    for path in (files.grefs_path, files.instances_path):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        record["files"][str(path)] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    with atomic.atomic_dir(source_dir) as tmp:
+        (tmp / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    log.info("reading gRefCOCO files %s and %s (recorded in %s)", files.grefs_path, files.instances_path,
+             source_dir / SOURCE_RECORD)

@@ -13,9 +13,9 @@ from jurassiglip.data.refs import DataError, read_refs
 SPLITS = ["train", "val", "testA", "testB"]
 
 
-def _read(data, splits=SPLITS, max_refs=0, drop_no_target=False):
+def _read(data, splits=SPLITS, max_refs=0, drop_no_target=False, required_splits=None):
     return read_refs(data.grefs_path, data.instances_path, splits=splits,
-                     max_refs_per_split=max_refs, drop_no_target=drop_no_target)
+                     max_refs_per_split=max_refs, drop_no_target=drop_no_target, required_splits=required_splits)
 
 
 def _target(ds, sample):
@@ -167,3 +167,16 @@ def test_malformed_json_names_the_file(tiny, which):
 def test_listed_split_without_refs_names_it_and_the_existing_ones(tiny):
     with pytest.raises(DataError, match=r"split 'test' has no refs.*other, testA, testB, train, val"):
         _read(tiny, splits=["train", "test"])
+
+
+def test_an_optional_split_the_file_lacks_is_skipped_and_listed(tiny, caplog):
+    # the first gRefCOCO release: testA/testB listed but absent; train/val required and present
+    dataset = _read(tiny, splits=["train", "val", "test"], required_splits=["train", "val"])
+    assert dataset.missing_splits == ["test"]
+    assert {s.split for s in dataset.samples} == {"train", "val"}
+    assert "split 'test' has no refs in the file" in caplog.text
+
+
+def test_a_required_split_the_file_lacks_is_still_an_error(tiny):
+    with pytest.raises(DataError, match=r"split 'test' has no refs"):
+        _read(tiny, splits=["train", "test"], required_splits=["train", "test"])
