@@ -25,6 +25,36 @@ def test_real_preset_switch(params_dict):
     assert params.model.arch.vision_name.startswith("facebook/dinov3")
 
 
+def test_the_real_preset_and_grefcoco_pick_the_notebook_recipe_and_the_official_splits(params_dict, tmp_path):
+    params_dict["model"]["preset"] = "real"
+    params_dict["data"].update(source="grefcoco", grefs_path=str(tmp_path), instances_path=str(tmp_path),
+                               images_dir=str(tmp_path))
+    params = params_from_dict(params_dict)
+    # SPEC §3 / §8: stage 1 lr 1e-4 for up to 20 epochs, stage 2 lr 3e-4; batch 64 in passes of 16
+    assert (params.pretrain.lr, params.pretrain.epochs, params.finetune.lr) == (1e-4, 20, 3e-4)
+    assert (params.pretrain.batch_size, params.pretrain.micro_batch_size) == (64, 16)
+    assert params.data.splits == ["train", "val", "testA", "testB"]
+    assert params.evaluate.splits == ["val", "testA", "testB"]
+    assert params.model.real.text_max_len == 64 and params.model.real.text_tower_mask is False
+
+
+def test_a_plain_value_applies_to_every_option_and_one_option_can_change_alone(params_dict):
+    params_dict["pretrain"]["lr"] = 5e-4  # what `-S pretrain.lr=5e-4` writes
+    assert params_from_dict(params_dict).pretrain.lr == 5e-4
+    params_dict["pretrain"]["lr"] = {"tiny": 7e-3, "real": 1e-4}  # `-S pretrain.lr.tiny=7e-3`
+    assert params_from_dict(params_dict).pretrain.lr == 7e-3
+
+
+def test_a_per_choice_mapping_must_name_every_option(params_dict):
+    params_dict["pretrain"]["lr"] = {"tiny": 7e-3}
+    assert "pretrain.lr = {'tiny': 0.007} must be a number" in _error(params_dict)
+
+
+def test_an_unknown_choice_is_named_before_anything_is_picked(params_dict):
+    params_dict["model"]["preset"] = "huge"
+    assert "model.preset = 'huge' must be one of ['tiny', 'real']" in _error(params_dict)
+
+
 def _error(params_dict: dict) -> str:
     with pytest.raises(ConfigError) as info:
         params_from_dict(params_dict)

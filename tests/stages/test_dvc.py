@@ -28,7 +28,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from jurassiglip.config import flatten
+from jurassiglip.config import flatten, resolve_choices
 from jurassiglip.stage import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -148,7 +148,9 @@ def test_every_stage_run_has_params_tags_curves_metrics_and_artifacts(project):
     assert sorted(by_stage) == sorted(STAGES) and len(runs) == len(STAGES)
     assert len(parents) == 1
     parent = parents[0]
-    flat = flatten(yaml.safe_load((project.root / "params.yaml").read_text()))
+    # per-choice knobs (pretrain.lr: {tiny: ..., real: ...}) are recorded as the active value
+    flat = flatten(resolve_choices(yaml.safe_load((project.root / "params.yaml").read_text())))
+    assert flat["pretrain.lr"] == 3.0e-3 and "pretrain.lr.tiny" not in flat
     for run in [*runs, parent]:
         assert run.info.status == "FINISHED"
         assert set(run.data.params) == set(flat), set(run.data.params) ^ set(flat)
@@ -219,7 +221,7 @@ def test_temp_experiment_records_into_the_root_store(project):
     evaluate = next(r for r in runs if r.data.tags["stage"] == "evaluate")
     assert artifact_file(evaluate, "samples.csv").is_file()
     # The feature cache is not in DVC's cache, so seg_finetune reruns in the copy and finds its training
-    # complete in latest.pt: the run must still carry the whole loss curve (and DVC get its plot file).
+    # complete in latest.safetensors: the run must still carry the whole loss curve (and DVC get its plot file).
     for run in runs:
         if run.data.tags["stage"] in TRAINING_STAGES:
             history = project.client().get_metric_history(run.info.run_id, "val_loss")
