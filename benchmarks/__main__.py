@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from benchmarks import eval_scaling, matmul_share, sample_loading, stage2_epoch, stage2_step
+from benchmarks import eval_scaling, manifest_scale, matmul_share, sample_loading, stage2_epoch, stage2_step
 from benchmarks.harness import Options, environment, load_line, oversubscription_check
 from benchmarks.setups import offline
 
@@ -27,6 +27,7 @@ BENCHMARKS = {
     "R3": stage2_epoch,    # stage-2 epoch with the DataLoader: prototype-style vs ours
     "R4": eval_scaling,    # evaluation samples/s from 100 to 10,000 samples
     "R5": matmul_share,    # share of the fp32 matmul peak the cached stage-2 step reaches
+    "R6": manifest_scale,  # build_manifest at gRefCOCO scale: 1 vs 2 workers, disk per image / caption
 }
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from jurassiglip import atomic
+from jurassiglip.checkpoint import BEST
 from jurassiglip.stage import FINETUNE_CHECKPOINTS, setup_logging
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     predict = commands.add_parser("predict", help="segment what each caption refers to in one image")
     predict.add_argument("--image", required=True, type=Path, help="image file (any mode and size PIL reads)")
     predict.add_argument("--text", required=True, action="append", help="caption; repeat for several")
-    predict.add_argument("--checkpoint", type=Path, default=FINETUNE_CHECKPOINTS / "best.pt",
+    predict.add_argument("--checkpoint", type=Path, default=FINETUNE_CHECKPOINTS / BEST,
                          help="trained checkpoint (default: %(default)s)")
     predict.add_argument("--out", required=True, type=Path, help="output folder")
     defaults = Decision()  # the same defaults as params.yaml's evaluate section

@@ -3,7 +3,8 @@
 Everything the training code needs to know about other processes is here.
 A stage launched with `torchrun --nproc_per_node=N -m stages.<name>` finds
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR in its environment;
-`process_group()` joins the group (nccl on CUDA, gloo on CPU). Launched
+`process_group(timeout_s)` joins the group (nccl on CUDA, gloo on CPU) with
+`launcher.timeout_s` as the longest a rank waits at a collective. Launched
 with plain `python`, no group exists and every helper below is a no-op
 that returns its input, so the single-process path runs exactly the code
 it ran before DDP existed.
@@ -17,11 +18,14 @@ The split of work, for reference:
   each caption meets the negatives of the whole global batch;
 - losses that leave the step are averaged over ranks (`all_reduce_sum`), so
   early stopping decides the same on every rank;
+- the stage-2 feature cache is built by all ranks together, each encoding
+  its share into files rank 0 preallocated (features.py);
 - rank 0 alone logs, writes checkpoints, metrics files and the MLflow run.
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 import os
@@ -40,15 +44,20 @@ log = logging.getLogger(__name__)
 # -- the process group -------------------------------------------------------
 
 @contextmanager
-def process_group() -> Iterator[None]:
+def process_group(timeout_s: float | None = None) -> Iterator[None]:
     """Join the process group torchrun describes in the environment for the body; leave it afterwards.
 
     No-op without torchrun (or with a single process): WORLD_SIZE absent or 1.
     On CUDA each process takes the GPU of its LOCAL_RANK and talks nccl;
     on CPU, gloo. Rendezvous (single node, multi-node, elastic) is torchrun's
     business: the `env://` init reads what it set.
+
+    Args:
+        timeout_s: how long a rank waits at a collective (and at the rendezvous)
+            before failing, e.g. while the others encode the feature cache;
+            None keeps torch's default.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if env_world_size() <= 1 or dist.is_initialized():
         yield
         return
     if torch.cuda.is_available():
@@ -56,12 +65,19 @@ def process_group() -> Iterator[None]:
         backend = "nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend=backend, init_method="env://")
-    log.info("process group: %s, %d ranks", backend, dist.get_world_size())
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+    log.info("process group: %s, %d ranks, collective timeout %s", backend, dist.get_world_size(),
+             "default" if timeout is None else f"{timeout_s:g} s")
     try:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def env_world_size() -> int:
+    """The number of processes torchrun started (WORLD_SIZE), readable before the group is joined; 1 without."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_distributed() -> bool:
@@ -92,16 +108,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-@contextmanager
-def main_first() -> Iterator[None]:
-    """Rank 0 runs the body first (e.g. building a cache on disk); the others run it after, finding it done."""
-    if not is_main():
-        barrier()
-    yield
-    if is_main():
-        barrier()
-
-
 # -- collectives -------------------------------------------------------------
 
 def _comm_device() -> torch.device:
@@ -118,6 +124,15 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
     tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's `value` (any picklable object) on every rank; the value itself in a single process."""
+    if not is_distributed():
+        return value
+    holder = [value if is_main() else None]
+    dist.broadcast_object_list(holder, src=0, device=_comm_device())
+    return holder[0]
 
 
 def check_same(value: int, what: str) -> None:

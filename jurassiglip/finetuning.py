@@ -8,8 +8,9 @@ per-caption target mask (no-target captions keep their empty target)
 they run live on every step, which gives the same loss to fp16 precision.
 
 Under torchrun each rank trains on its share of the global batch through a
-DDP wrapper of `JurasSigLIP.decode`; rank 0 builds the feature cache while
-the other ranks wait, then they all read it.
+DDP wrapper of `JurasSigLIP.decode`; the ranks build the feature cache
+together, each encoding its share of the images and captions, then they
+all read the whole of it.
 """
 
 from __future__ import annotations
@@ -97,9 +98,9 @@ def train_segmentation(model: JurasSigLIP, manifest: Manifest, input_ids: torch.
     decode = distributed.data_parallel(model, JurasSigLIP.decode)
     dataset: Dataset
     if cfg.cache_features:
-        with distributed.main_first():  # rank 0 builds it; the others then find it up to date
-            cache = build_cache(model, manifest, input_ids, attention_mask, np.concatenate([train_ids, val_ids]),
-                                features_dir, batch_size=cfg.batch_size, fingerprint=cache_fingerprint)
+        # a collective: every rank encodes its share (or all find it up to date)
+        cache = build_cache(model, manifest, input_ids, attention_mask, np.concatenate([train_ids, val_ids]),
+                            features_dir, batch_size=cfg.batch_size, fingerprint=cache_fingerprint)
         dataset, loss_fn = CachedSegDataset(manifest, cache), cached_loss_fn(model, cfg, decode)
     else:
         dataset = CaptionDataset(manifest, input_ids, attention_mask, with_target=True)

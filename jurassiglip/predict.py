@@ -6,7 +6,8 @@ calls a caption no-target when the learned head's probability exceeds
 `no_target_threshold`; `area` when the predicted foreground covers less than
 `no_target_min_area` of the image. Evaluation, the gallery and the
 `jurassiglip predict` CLI all go through `Predictor`, so they apply the same
-threshold and rule.
+threshold and rule, and all refuse a checkpoint whose heads were not trained
+for what is asked of them (`check_trained_for`).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from jurassiglip import checkpoint
 from jurassiglip.config import EvaluateConfig
 from jurassiglip.data.manifest import to_rgb
 from jurassiglip.data.tokenizer import tokenize
-from jurassiglip.model.build import model_from_checkpoint
+from jurassiglip.model.build import model_from_payload
 from jurassiglip.model.model import JurasSigLIP
 
 
@@ -89,8 +91,15 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, decision: Decision, device: torch.device | str | None = None,
                         ) -> Predictor:
-        """Load a best.pt (its own spec and tokenizer inside), LoRA merged for speed."""
-        model, tokenizer, spec = model_from_checkpoint(path, merge=True)
+        """Load a seg_finetune checkpoint (its own spec and tokenizer inside), LoRA merged for speed.
+
+        Raises:
+            checkpoint.CheckpointError: unreadable, or its heads untrained for `decision` (see
+                `check_trained_for`), before any base tower is loaded.
+        """
+        payload = checkpoint.load(path)
+        check_trained_for(path, payload, decision)
+        model, tokenizer, spec = model_from_payload(path, payload, merge=True)
         return cls(model, tokenizer, spec, decision, device)
 
     @torch.no_grad()
@@ -146,6 +155,24 @@ class Predictor:
                                   no_target_prob=float(nt_prob[i]),
                                   area=float(m.mean()), score=float(p[m].mean()) if m.any() else 0.0))
         return out
+
+
+def check_trained_for(path: str | Path, payload: dict, decision: Decision) -> None:
+    """Refuse a checkpoint whose heads were not trained for this inference, in one line naming it.
+
+    A contrastive_pretrain checkpoint has a random segmentation head; a
+    seg_finetune run with `finetune.no_target_weight` 0 leaves the no-target
+    head random, so the `head` rule would decide at random.
+    """
+    heads = payload["heads"]
+    if not heads["segmentation"]:
+        raise checkpoint.CheckpointError(
+            f"{path} was written by {payload['stage']}: its segmentation head is untrained; "
+            f"use data/seg_finetune/checkpoints/{checkpoint.BEST}")
+    if decision.no_target_rule == "head" and not heads["no_target"]:
+        raise checkpoint.CheckpointError(
+            f"{path} has an untrained no-target head (trained with finetune.no_target_weight 0): "
+            f"use --no-target-rule area (evaluate.no_target_rule: area in params.yaml)")
 
 
 def read_image(path: str | Path) -> Image.Image:

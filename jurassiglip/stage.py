@@ -2,7 +2,8 @@
 
 A stage module is `run(params, tracker)` plus `main = entry(NAME, run)`.
 Stage name = module name = output folder `data/<name>/` = MLflow `stage` tag.
-Under torchrun, `main` joins the process group and gives ranks other than 0
+Under torchrun, `main` loads params, joins the process group (with
+`launcher.timeout_s` as its collective timeout) and gives ranks other than 0
 a tracker that records nothing (see distributed.py).
 
 SIGTERM (what torchrun sends the other ranks when one fails, and what job
@@ -95,15 +96,20 @@ def _main(name: str, run: Callable[..., None]) -> None:
     """The body of a stage's main(): params, tracker, run, resource log."""
     from jurassiglip.tracking import NullTracker, Tracker, TrackingError, record_failure
 
-    with distributed.process_group():  # under torchrun; a no-op otherwise
-        try:
-            params = load_params(os.environ.get("JURASSIGLIP_PARAMS", PARAMS_FILE))
-            params.check_world_size(distributed.world_size())
-        except ConfigError as err:
-            log.error("%s", err)
-            if distributed.is_main():  # a FAILED MLflow run, so e.g. a queued experiment's bad -S shows there
+    # Params first: the process group's timeout is one of them.
+    try:
+        params = load_params(os.environ.get("JURASSIGLIP_PARAMS", PARAMS_FILE))
+        params.check_world_size(distributed.env_world_size())
+    except ConfigError as err:
+        log.error("%s", err)
+        # A FAILED MLflow run, so e.g. a queued experiment's bad -S shows there: rank 0's, while the other
+        # ranks wait in a group of torch's default timeout (torchrun kills every rank once one has exited).
+        with distributed.process_group():
+            if distributed.is_main():
                 record_failure(name, err)
-            raise SystemExit(2) from None
+            distributed.barrier()
+        raise SystemExit(2) from None
+    with distributed.process_group(params.launcher.timeout_s):  # under torchrun; a no-op otherwise
         start = time.perf_counter()
         log.info("%s: start", name)
         # One MLflow run and one set of DVC files per stage: rank 0's.

@@ -1,9 +1,9 @@
 """The fit loop shared by both training stages.
 
-Epochs, validation, early stopping on validation loss, best/latest
-checkpoints written atomically, resume from `latest.pt`, bf16 autocast on
-CUDA (fp32 on CPU), one progress line every N steps, and a loud stop on a
-non-finite loss. What a step computes is the caller's business: it passes a
+Epochs, validation, early stopping on validation loss, best and latest
+checkpoints written atomically (format: checkpoint.py), resume from the
+latest one, bf16 autocast on CUDA (fp32 on CPU), one progress line every N
+steps, and a loud stop on a non-finite loss. What a step computes is the caller's business: it passes a
 `loss_fn(batch) -> loss` (validation, and by default training through
 `backward_step`), and may pass its own `train_step(batch) -> loss` that fills
 the gradients itself (stage 1's gradient cache runs several forward and
@@ -95,8 +95,8 @@ def fingerprint(*parts: Any, files: Iterable[Path] = ()) -> str:
     """Hash of the inputs that define a training run: params, upstream files, and this package's code.
 
     The code is included so that a resume never continues a run started by
-    other code (DVC re-runs a stage after a code change; the old latest.pt
-    must not be picked up then).
+    other code (DVC re-runs a stage after a code change; the old latest
+    checkpoint must not be picked up then).
     """
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
     for path in [*sorted(PACKAGE_DIR.rglob("*.py")), *files]:
@@ -138,13 +138,15 @@ def fit(
     train_step: TrainStep | None = None,
     is_main: bool | None = None,
 ) -> FitResult:
-    """Train until `settings.epochs` or early stopping; resume from ckpt_dir/latest.pt when it matches.
+    """Train until `settings.epochs` or early stopping; resume from ckpt_dir's latest checkpoint when it matches.
 
     Args:
         train_batches: epoch -> batches (the sampler is reseeded from the epoch).
         val_batches: -> validation batches (same every call).
-        best_payload: -> spec, weights and tokenizer to store as best.pt (inference needs nothing else).
-        run_fingerprint: from `fingerprint(...)`; latest.pt of another fingerprint is not resumed.
+        best_payload: -> the checkpoint's contents (spec, model, tokenizer, stage, heads; see
+            `checkpoint.save`), stored as ckpt_dir/best.safetensors (inference needs nothing else) and,
+            with the optimizer, RNG and TrainState added, as ckpt_dir/latest.safetensors.
+        run_fingerprint: from `fingerprint(...)`; a latest checkpoint of another fingerprint is not resumed.
         epoch_extras: more per-epoch values for the curve (e.g. the logit scale).
         after_step: called after every optimizer step (e.g. clamping the logit scale).
         train_mode: puts the model in training mode (default `model.train()`); stage 2
@@ -157,14 +159,14 @@ def fit(
     train_step = train_step or backward_step(loss_fn, dev)
     is_main = distributed.is_main() if is_main is None else is_main
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    latest_path, best_path = ckpt_dir / "latest.pt", ckpt_dir / "best.pt"
+    latest_path, best_path = ckpt_dir / checkpoint.LATEST, ckpt_dir / checkpoint.BEST
     state = TrainState(epoch=0, best_val=math.inf, best_epoch=0, bad_epochs=0, history=[])
     start_val, resumed_from = math.nan, 0
     resume = checkpoint.load_latest(latest_path, run_fingerprint)
     distributed.check_same(-1 if resume is None else resume["state"]["epoch"],
                            f"the epoch to resume from ({latest_path})")
     if resume is not None:
-        model.load_state_dict(resume["model"])
+        checkpoint.load_weights(latest_path, model, resume)
         optimizer.load_state_dict(resume["optimizer"])
         state = TrainState(**resume["state"])
         start_val, resumed_from = resume["start_val_loss"], state.epoch
@@ -200,11 +202,11 @@ def fit(
                  " (best)" if improved else f" (no improvement for {state.bad_epochs})")
         if is_main:
             tracker.log_epoch("loss", epoch, row)
+            payload = best_payload()
             if improved:
-                checkpoint.save(best_path, best_payload())
+                checkpoint.save(best_path, payload)
             checkpoint.save(latest_path, {
-                "spec": best_payload()["spec"],
-                "model": model.state_dict(),
+                **payload,
                 "optimizer": optimizer.state_dict(),
                 "state": asdict(state),
                 "start_val_loss": start_val,
@@ -231,7 +233,7 @@ def evaluate_loss(model: torch.nn.Module, loss_fn: Callable[[Batch], torch.Tenso
         n = len(batch["sample_id"])
         with autocast(dev):
             loss = float(loss_fn(batch))
-        if not math.isfinite(loss):  # else NaN < best is False: no best.pt, and the run would go on silently
+        if not math.isfinite(loss):  # else NaN < best is False: no best checkpoint, and the run would go on silently
             raise NonFiniteLoss(f"non-finite validation loss {loss} at validation step {i + 1}; "
                                 f"batch sample ids {batch['sample_id'].tolist()}")
         total += loss * n

@@ -1,6 +1,5 @@
 """contrastive_pretrain: align image CLS and caption features (LoRA + text projection + logit scale)."""
 
-from jurassiglip import checkpoint
 from jurassiglip.config import Params
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.tokenizer import caption_tokenizer, tokenize
@@ -22,11 +21,11 @@ def run(params: Params, tracker: Tracker) -> None:
                                          params.model.arch.text_max_len)
     spec = model_spec(params, tokenizer)
     model = build_model(spec).to(device())
-    tokenizer_blob = checkpoint.tokenizer_files(tokenizer)
     result = train_contrastive(
         model, manifest, input_ids, attention_mask, cfg=params.pretrain, train_split=params.data.train_split,
         val_split=params.data.val_split, seed=params.seed, ckpt_dir=PRETRAIN_CHECKPOINTS,
-        best_payload=lambda: {"spec": spec, "model": model.state_dict(), "tokenizer": tokenizer_blob},
+        best_payload=lambda: {"spec": spec, "model": model, "tokenizer": tokenizer, "stage": NAME,
+                              "heads": {"segmentation": False, "no_target": False}},
         run_fingerprint=fingerprint(spec, params.pretrain, params.seed, params.data.train_split,
                                     params.data.val_split, files=[MANIFEST_DIR / "samples.parquet"]),
         tracker=tracker)

@@ -1,8 +1,10 @@
 """evaluate: cIoU, gIoU, Pr@X, N-acc, T-acc per split, per kind, for novel combinations, with baselines."""
 
+import logging
+
 import pandas as pd
 
-from jurassiglip import atomic
+from jurassiglip import atomic, checkpoint
 from jurassiglip.config import Params
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.evaluation import evaluate_split, split_metrics
@@ -13,17 +15,23 @@ from jurassiglip.tracking import Tracker
 
 NAME = "evaluate"
 
+log = logging.getLogger(__name__)
+
 
 def run(params: Params, tracker: Tracker) -> None:
     cfg = params.evaluate
     seed_everything(params.seed)
     decision = Decision.from_config(cfg)
-    best = FINETUNE_CHECKPOINTS / "best.pt"
+    best = FINETUNE_CHECKPOINTS / checkpoint.BEST
     predictor = Predictor.from_checkpoint(best, decision)
     manifest = Manifest.load(MANIFEST_DIR, predictor.image_size, f"the image_size of {best}")
     tracker.set_tags({"no_target_rule": decision.describe(), "eval_resolution": cfg.resolution})
     tables = []
+    built = set(manifest.samples["split"])
     for split in cfg.splits:
+        if split not in built:  # e.g. testA/testB of the first gRefCOCO release: build_manifest logged it
+            log.warning("evaluate: split %r is not in the manifest (its refs file has none); skipped", split)
+            continue
         table = evaluate_split(predictor, manifest, split, resolution=cfg.resolution,
                                images_per_batch=max(1, cfg.batch_size // 8), seed=params.seed)
         tracker.log_metrics({split: split_metrics(table)})

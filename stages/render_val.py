@@ -4,7 +4,7 @@ import json
 
 import pandas as pd
 
-from jurassiglip import atomic
+from jurassiglip import atomic, checkpoint
 from jurassiglip.config import Params
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.gallery import image_panel, pick_images
@@ -19,7 +19,7 @@ NAME = "render_val"
 def run(params: Params, tracker: Tracker) -> None:
     cfg = params.render
     decision = Decision.from_config(params.evaluate)
-    best = FINETUNE_CHECKPOINTS / "best.pt"
+    best = FINETUNE_CHECKPOINTS / checkpoint.BEST
     predictor = Predictor.from_checkpoint(best, decision)
     manifest = Manifest.load(MANIFEST_DIR, predictor.image_size, f"the image_size of {best}")
     table = pd.read_parquet(EVALUATE_DIR / "samples.parquet").set_index("sample_id", drop=False)

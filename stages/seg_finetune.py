@@ -15,19 +15,19 @@ NAME = "seg_finetune"
 
 def run(params: Params, tracker: Tracker) -> None:
     seed_everything(params.seed)
-    pretrained = PRETRAIN_CHECKPOINTS / "best.pt"
+    pretrained = PRETRAIN_CHECKPOINTS / checkpoint.BEST
     model, tokenizer, spec = model_from_checkpoint(pretrained)
     model = model.to(device())
     manifest = Manifest.load(MANIFEST_DIR, spec["arch"]["image_size"], f"the image_size of {pretrained}")
     input_ids, attention_mask = tokenize(tokenizer, manifest.samples["sentence"].tolist(), spec["arch"]["text_max_len"])
-    tokenizer_blob = checkpoint.tokenizer_files(tokenizer)
     upstream = [pretrained, MANIFEST_DIR / "samples.parquet"]
     splits = (params.data.train_split, params.data.val_split)
     result = train_segmentation(
         model, manifest, input_ids, attention_mask, cfg=params.finetune, train_split=splits[0],
         val_split=splits[1], seed=params.seed, ckpt_dir=FINETUNE_CHECKPOINTS, features_dir=FEATURES_DIR,
         cache_fingerprint=fingerprint("features", splits, files=upstream),
-        best_payload=lambda: {"spec": spec, "model": model.state_dict(), "tokenizer": tokenizer_blob},
+        best_payload=lambda: {"spec": spec, "model": model, "tokenizer": tokenizer, "stage": NAME,
+                              "heads": {"segmentation": True, "no_target": params.finetune.no_target_weight > 0}},
         run_fingerprint=fingerprint(params.finetune, params.seed, splits, files=upstream),
         tracker=tracker)
     tracker.log_metrics(result.metrics())

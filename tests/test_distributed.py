@@ -2,12 +2,15 @@
 
 What a user relies on: `torchrun --nproc_per_node=N` trains the same model as
 one process with the same global batch (the contrastive loss sees the
-negatives of every rank), and `pretrain.micro_batch_size` saves memory
+negatives of every rank), builds the same stage-2 feature cache, byte for
+byte, with every rank encoding its share, waits at a collective no longer
+than `launcher.timeout_s`, and `pretrain.micro_batch_size` saves memory
 without changing the gradient.
 
 The two-rank tests launch this very file with torchrun: run as a script it
-is the worker (`worker()` at the bottom), which trains with the same
-`one_step` the single-process reference uses.
+is a worker (`worker()`, `cache_worker()`, `timeout_worker()` at the bottom);
+the training worker trains with the same `one_step` the single-process
+reference uses.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +28,12 @@ import torch
 import yaml
 
 
-from jurassiglip import distributed
+from jurassiglip import checkpoint, distributed, stage
 from jurassiglip.config import load_params
 from jurassiglip.data.datasets import CaptionDataset, EpochSampler, batch_loader
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.tokenizer import load_tokenizer, tokenize
+from jurassiglip.features import CacheMismatch, build_cache
 from jurassiglip.finetuning import live_loss_fn, train_head_only
 from jurassiglip.model.build import build_model, model_spec
 from jurassiglip.model.model import JurasSigLIP
@@ -40,6 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 CASES = [("contrastive", "contrastive", 0), ("contrastive_grad_cache", "contrastive", 2),
          ("segmentation", "segmentation", 0)]
 CONTRASTIVE_BATCH, SEGMENTATION_BATCH = 8, 16  # global
+CACHE_BATCH = 5  # uneven shares: 7 image batches and 15 caption batches of the micro set over 2 ranks
+TIMEOUT_S = 5  # launcher.timeout_s of the timeout test: above the ranks' start-up skew at the rendezvous
 # Set by DVC, by a team's MLflow setup or by earlier in-process stage runs; a test's own run must not see them.
 FOREIGN_ENV = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "JURASSIGLIP_PARENT_RUN_ID", "JURASSIGLIP_PARAMS")
 
@@ -115,7 +122,10 @@ def one_step(stage: str, micro: int, data_dir: Path, params_path: Path, ckpt_dir
                  train_batches=lambda epoch: batches(chosen[:global_batch]),
                  val_batches=lambda: batches(chosen[global_batch:]),
                  settings=LoopSettings(epochs=1, patience=1, log_every=1, max_val_batches=0),
-                 ckpt_dir=ckpt_dir, best_payload=lambda: {"spec": spec, "model": model.state_dict()},
+                 ckpt_dir=ckpt_dir,
+                 best_payload=lambda: {"spec": spec, "model": model, "stage": "seg_finetune",
+                                       "tokenizer": load_tokenizer(data_dir / "tokenizer"),
+                                       "heads": {"segmentation": True, "no_target": True}},
                  run_fingerprint=stage, tracker=tracker, train_mode=train_mode, after_step=after_step)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return {"start_val_loss": result.start_val_loss, "val_loss": result.best_val_loss, "rows": tracker.rows,
@@ -129,14 +139,14 @@ def params_path(micro_params, tmp_path) -> Path:
     return path
 
 
-def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def torchrun(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=2 ...` (torch.distributed.run is torchrun's entry point)."""
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     for var in FOREIGN_ENV:
         env.pop(var, None)
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, f"torchrun failed:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
+    assert out.returncode == 0 or not check, f"torchrun failed:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
     return out
 
 
@@ -167,8 +177,87 @@ def test_two_ranks_take_the_same_step_as_one_process(micro_data, params_path, tm
                 assert_close(got["weights"][param], expected["weights"][param], 1e-5, f"{where}: {param} stepped")
         assert ranks[0][name]["rows"][0]["train_loss"] == pytest.approx(expected["rows"][0]["train_loss"], rel=1e-5)
         assert ranks[1][name]["rows"] == []  # rank 1 reports nothing...
-        assert sorted(p.name for p in (tmp_path / "ckpt" / name / "rank0").iterdir()) == ["best.pt", "latest.pt"]
+        written = sorted(p.name for p in (tmp_path / "ckpt" / name / "rank0").iterdir())
+        assert written == [checkpoint.BEST, checkpoint.LATEST]
         assert not (tmp_path / "ckpt" / name / "rank1").exists()  # ...and writes no checkpoint
+
+
+def cache_ids(manifest: Manifest) -> np.ndarray:
+    """What stage 2 caches: the train and val captions."""
+    return manifest.samples.loc[manifest.samples["split"].isin(["train", "val"]), "sample_id"].to_numpy().copy()
+
+
+def count_images(model: JurasSigLIP) -> list[int]:
+    """Batch sizes seen by the vision tower (a forward hook on the real module)."""
+    seen = []
+    model.vision.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    return seen
+
+
+@pytest.mark.distributed
+def test_two_ranks_build_the_single_process_cache_and_a_mismatch_stops_a_rank(micro_data, params_path, tmp_path):
+    """2 gloo ranks, each encoding its share, write the bytes one process writes; they reuse it together;
+    a rank whose fingerprint differs from the folder's (other code on its node) stops, naming both."""
+    torchrun(__file__, "cache", str(micro_data), str(params_path), str(tmp_path), cwd=REPO)
+    ranks = [json.loads((tmp_path / f"cache_rank{r}.json").read_text()) for r in (0, 1)]
+
+    _, manifest, ids, mask, spec = load_setup(micro_data, params_path)
+    build_cache(perturbed_model(spec), manifest, ids, mask, cache_ids(manifest), tmp_path / "one",
+                batch_size=CACHE_BATCH, fingerprint="same")
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == ["index.npz", "meta.json", "patches.npy", "text.npy", "text_mask.npy"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == files
+    for name in files:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+    n_images = manifest.samples["image_index"].to_numpy()[cache_ids(manifest)]
+    assert ranks[0]["built"] + ranks[1]["built"] == len(np.unique(n_images))  # one pass per image in all...
+    assert ranks[0]["built"] > 0 and ranks[1]["built"] > 0  # ...shared out
+    assert ranks[0]["reused"] == ranks[1]["reused"] == 0  # same fingerprint: nobody encodes again
+    assert ranks[0]["error"] is None
+    folder = tmp_path / "mismatch"
+    assert ranks[1]["error"] == (
+        f"feature cache {folder}: rank 1 expects fingerprint rank1 but finds rank0 there after the build; all "
+        f"ranks must run the same code on the same data/ folder (a filesystem every node shares)")
+
+
+@pytest.mark.distributed
+def test_launcher_timeout_bounds_the_wait_at_a_collective(micro_params, tmp_path):
+    """launcher.timeout_s reaches the process group a stage joins: a barrier that one rank skips fails on
+    the other after about timeout_s, not torch's 30-minute default."""
+    project = tmp_path / "project"
+    project.mkdir()
+    params = {**micro_params, "launcher": {**micro_params["launcher"], "timeout_s": TIMEOUT_S}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    torchrun(__file__, "timeout", str(project), str(tmp_path), cwd=REPO, check=False)
+    outcome = json.loads((tmp_path / "rank0.json").read_text())
+    assert outcome["error"] and "Timed out" in outcome["error"], "rank 1 never came: the barrier should time out"
+    assert TIMEOUT_S - 0.5 <= outcome["seconds"] <= TIMEOUT_S + 15, outcome
+
+
+@pytest.mark.distributed
+def test_a_config_error_under_torchrun_exits_2_on_every_rank_and_is_recorded_once(micro_params, tmp_path,
+                                                                                    monkeypatch):
+    """Params are read before the process group is joined (its timeout is a param): both ranks stop with
+    exit code 2, and the FAILED MLflow run is rank 0's alone, recorded while rank 1 waits for it (torchrun
+    would kill rank 0 as soon as rank 1 exits)."""
+    from mlflow.tracking import MlflowClient
+
+    from jurassiglip.tracking import tracking_uri
+
+    params = {**micro_params, "finetune": {**micro_params["finetune"], "batch_size": 15}}  # odd: not for 2 ranks
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    out = torchrun("-m", "stages.seg_finetune", cwd=tmp_path, check=False)
+    assert out.returncode != 0 and "exitcode  : 2" in out.stderr and "exitcode  : 143" not in out.stderr
+    assert out.stderr.count("finetune.batch_size = 15 must be divisible by the number of ranks (2)") == 2
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # an earlier in-process run may have set it
+    client = MlflowClient(tracking_uri(tmp_path))
+    experiment = client.get_experiment_by_name(micro_params["tracking"]["experiment"])
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'seg_finetune'")
+    assert [r.info.status for r in runs] == ["FAILED"]
 
 
 @pytest.mark.parametrize("loss", ["clip", "sigmoid"])
@@ -249,6 +338,7 @@ def test_torchrun_runs_both_training_stages(micro_data, micro_params, tmp_path, 
         (tmp_path / "data" / "build_manifest" / name).symlink_to(micro_data / name)
     for stage in ("contrastive_pretrain", "seg_finetune"):
         torchrun("-m", f"stages.{stage}", cwd=tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # an earlier in-process run may have set it
     client = MlflowClient(tracking_uri(tmp_path))
     experiment = client.get_experiment_by_name(micro_params["tracking"]["experiment"])
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.stage != ''")
@@ -281,5 +371,55 @@ def worker(data_dir: Path, params_path: Path, out_dir: Path) -> None:
         torch.save(results, out_dir / f"rank{rank}.pt")
 
 
+def cache_worker(data_dir: Path, params_path: Path, out_dir: Path) -> None:
+    """One rank of the cache test: build, reuse, then a fingerprint that differs by rank; to cache_rank<r>.json."""
+    with distributed.process_group(timeout_s=120):
+        rank = distributed.rank()
+        _, manifest, ids, mask, spec = load_setup(data_dir, params_path)
+        model = perturbed_model(spec)
+        seen = count_images(model)
+        build_cache(model, manifest, ids, mask, cache_ids(manifest), out_dir / "two", batch_size=CACHE_BATCH,
+                    fingerprint="same")
+        built = sum(seen)
+        build_cache(model, manifest, ids, mask, cache_ids(manifest), out_dir / "two", batch_size=CACHE_BATCH,
+                    fingerprint="same")
+        reused = sum(seen) - built
+        error = None
+        try:
+            build_cache(model, manifest, ids, mask, cache_ids(manifest), out_dir / "mismatch",
+                        batch_size=CACHE_BATCH, fingerprint=f"rank{rank}")
+        except CacheMismatch as err:
+            error = str(err)
+        result = {"built": built, "reused": reused, "error": error}
+        (out_dir / f"cache_rank{rank}.json").write_text(json.dumps(result))
+
+
+def timeout_worker(project: Path, out_dir: Path) -> None:
+    """One rank of the timeout test, through a stage's entry point: rank 0 waits at a barrier rank 1 skips."""
+    os.chdir(project)
+    done = out_dir / "rank0.json"
+
+    def run(params, tracker):
+        if distributed.rank() == 1:  # stays away from the barrier until rank 0 is through with it (or 2 min)
+            deadline = time.monotonic() + 120
+            while not done.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            return
+        start = time.monotonic()
+        try:
+            distributed.barrier()
+            error = None
+        except RuntimeError as err:
+            error = f"{type(err).__name__}: {err}"
+        done.write_text(json.dumps({"seconds": time.monotonic() - start, "error": error}))
+
+    stage.entry("seg_finetune", run)()
+
+
 if __name__ == "__main__":
-    worker(*map(Path, sys.argv[1:4]))
+    if sys.argv[1] == "cache":
+        cache_worker(*map(Path, sys.argv[2:5]))
+    elif sys.argv[1] == "timeout":
+        timeout_worker(*map(Path, sys.argv[2:4]))
+    else:
+        worker(*map(Path, sys.argv[1:4]))

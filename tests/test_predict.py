@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from jurassiglip import checkpoint
 from jurassiglip.cli import main as cli
@@ -17,17 +21,20 @@ from jurassiglip.model.build import build_model, model_spec
 from jurassiglip.predict import Decision, Predictor
 
 
-@pytest.fixture(scope="module")
-def ckpt(micro_data, micro_params, tmp_path_factory):
+def write_checkpoint(path, micro_data, micro_params, stage="seg_finetune", no_target=True):
     params = params_from_dict(micro_params)
     tokenizer = load_tokenizer(micro_data / "tokenizer")
     spec = model_spec(params, tokenizer)
     torch.manual_seed(0)
     model = build_model(spec)
-    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    checkpoint.save(path, {"spec": spec, "model": model.state_dict(),
-                           "tokenizer": checkpoint.tokenizer_files(tokenizer)})
+    checkpoint.save(path, {"spec": spec, "model": model, "tokenizer": tokenizer, "stage": stage,
+                           "heads": {"segmentation": stage == "seg_finetune", "no_target": no_target}})
     return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(micro_data, micro_params, tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / checkpoint.BEST, micro_data, micro_params)
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +71,61 @@ def test_bad_inputs_are_refused_clearly(predictor, tmp_path):
 
 
 def test_missing_or_foreign_checkpoint(tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="nope.pt: checkpoint not found"):
-        Predictor.from_checkpoint(tmp_path / "nope.pt", Decision(0.5, "area", 0.002))
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"weights": torch.zeros(3)}, foreign)
-    with pytest.raises(checkpoint.CheckpointError, match="foreign.pt: not a jurassiglip checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match="nope.safetensors: checkpoint not found"):
+        Predictor.from_checkpoint(tmp_path / "nope.safetensors", Decision(0.5, "area", 0.002))
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(checkpoint.CheckpointError, match="foreign.safetensors: not a jurassiglip checkpoint"):
         Predictor.from_checkpoint(foreign, Decision(0.5, "area", 0.002))
+
+
+def test_old_full_checkpoint_says_to_retrain(tmp_path):
+    """Format 1 (torch pickles named best.pt) is refused with what to do, whichever name is asked for."""
+    old = tmp_path / "best.pt"
+    torch.save({"format": 1, "spec": {}, "model": {}}, old)
+    with pytest.raises(checkpoint.CheckpointError, match=r"best.pt: a torch pickle.*retrain with `dvc repro`"):
+        Predictor.from_checkpoint(old, Decision(0.5, "area", 0.002))
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"best.safetensors: checkpoint not found \(best.pt beside it is a format-1 checkpoint"):
+        Predictor.from_checkpoint(tmp_path / checkpoint.BEST, Decision(0.5, "area", 0.002))
+
+
+@pytest.mark.parametrize("stage, no_target, rule, message", [
+    ("contrastive_pretrain", False, "area",
+     "was written by contrastive_pretrain: its segmentation head is untrained; "
+     "use data/seg_finetune/checkpoints/best.safetensors"),
+    ("seg_finetune", False, "head", "trained with finetune.no_target_weight 0): use --no-target-rule area"),
+])
+def test_cli_refuses_heads_not_trained_for_the_rule_in_one_line(micro_data, micro_params, tmp_path, caplog, stage,
+                                                                  no_target, rule, message):
+    path = write_checkpoint(tmp_path / checkpoint.BEST, micro_data, micro_params, stage, no_target)
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (24, 24)).save(image)
+    code = cli(["predict", "--image", str(image), "--text", "the red square", "--checkpoint", str(path),
+                "--no-target-rule", rule, "--out", str(tmp_path / "out")])
+    (record,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert code == 2 and record.getMessage().startswith(f"{path} ") and message in record.getMessage()
+    assert "\n" not in record.getMessage() and record.exc_info is None
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_cli_refusal_is_one_line_on_stderr_without_traceback(micro_data, micro_params, tmp_path):
+    path = write_checkpoint(tmp_path / checkpoint.BEST, micro_data, micro_params, "contrastive_pretrain", False)
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (24, 24)).save(image)
+    result = subprocess.run([sys.executable, "-m", "jurassiglip.cli", "predict", "--image", str(image), "--text", "x",
+                             "--checkpoint", str(path), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [line for line in result.stderr.strip().splitlines()
+                                                  if "was written by contrastive_pretrain" in line]
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_untrained_no_target_head_is_fine_under_the_area_rule(micro_data, micro_params, tmp_path):
+    path = write_checkpoint(tmp_path / checkpoint.BEST, micro_data, micro_params, no_target=False)
+    assert Predictor.from_checkpoint(path, Decision(0.5, "area", 0.002), device="cpu").image_size == 32
 
 
 def test_cli_writes_mask_overlay_and_json_per_caption(ckpt, tmp_path):

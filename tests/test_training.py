@@ -48,6 +48,12 @@ def fresh_model(spec, seed=0):
     return build_model(spec)
 
 
+def stage2_payload(spec, model, tokenizer):
+    """What seg_finetune hands to `checkpoint.save` (through fit's best_payload)."""
+    return {"spec": spec, "model": model, "tokenizer": tokenizer, "stage": "seg_finetune",
+            "heads": {"segmentation": True, "no_target": True}}
+
+
 def count_images(model):
     """Count images through the vision tower (a forward hook on the real module)."""
     seen = []
@@ -110,15 +116,15 @@ def test_cached_dataset_names_samples_missing_from_the_cache(setup, tmp_path):
 
 def test_same_inputs_give_byte_identical_checkpoints_and_cache(setup, tmp_path):
     """DVC hashes outputs by their bytes: identical runs must not write different files."""
-    params, manifest, _, ids, mask, spec = setup
+    params, manifest, tokenizer, ids, mask, spec = setup
     train = manifest.samples.loc[manifest.samples["split"] == "train", "sample_id"].to_numpy()
     folders = []
     for name in ("one", "two"):
         model = fresh_model(spec)
-        checkpoint.save(tmp_path / f"{name}.pt", {"spec": spec, "model": model.state_dict()})
+        checkpoint.save(tmp_path / f"{name}.safetensors", stage2_payload(spec, model, tokenizer))
         build_cache(model, manifest, ids, mask, train, tmp_path / name, batch_size=8, fingerprint="same")
         folders.append(tmp_path / name)
-    assert (tmp_path / "one.pt").read_bytes() == (tmp_path / "two.pt").read_bytes()
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
     files = sorted(p.name for p in folders[0].iterdir())
     assert files == sorted(p.name for p in folders[1].iterdir())
     for name in files:
@@ -182,8 +188,7 @@ def _seg_fit(setup, model, ckpt_dir, epochs, tracker, train_batches=None, schedu
                val_batches=lambda: batch_loader(dataset, batch_size=16, sampler=val_ids),
                settings=LoopSettings(epochs=epochs, patience=5, log_every=1, max_val_batches=0,
                                      lr_schedule=schedule),
-               ckpt_dir=ckpt_dir, best_payload=lambda: {"spec": spec, "model": model.state_dict(),
-                                                        "tokenizer": checkpoint.tokenizer_files(tokenizer)},
+               ckpt_dir=ckpt_dir, best_payload=lambda: stage2_payload(spec, model, tokenizer),
                run_fingerprint="same-run", tracker=tracker, train_mode=lambda: train_head_only(model))
 
 
@@ -208,7 +213,7 @@ def test_interrupted_fit_resumes_to_the_same_result(setup, tmp_path, schedule):
     with pytest.raises(KeyboardInterrupt):
         _seg_fit(setup, interrupted, tmp_path / "resumed", 3, NullTracker(), dying_batches, schedule)
     tracker = NullTracker()
-    restarted = fresh_model(setup[5], seed=123)  # weights come from latest.pt, not from the seed
+    restarted = fresh_model(setup[5], seed=123)  # weights come from the latest checkpoint, not from the seed
     resumed = _seg_fit(setup, restarted, tmp_path / "resumed", 3, tracker, schedule=schedule)
     assert resumed.resumed_from_epoch == 1
     assert resumed.best_val_loss == pytest.approx(result.best_val_loss, rel=1e-6)
@@ -220,14 +225,14 @@ def test_interrupted_fit_resumes_to_the_same_result(setup, tmp_path, schedule):
 def test_corrupt_latest_checkpoint_starts_over_with_a_message(setup, tmp_path, caplog):
     ckpt_dir = tmp_path / "ckpt"
     ckpt_dir.mkdir()
-    (ckpt_dir / "latest.pt").write_bytes(b"not a checkpoint, half written")
+    (ckpt_dir / checkpoint.LATEST).write_bytes(b"not a checkpoint, half written")
     with caplog.at_level(logging.WARNING):
         result = _seg_fit(setup, fresh_model(setup[5]), ckpt_dir, 1, NullTracker())
     assert result.resumed_from_epoch == 0 and result.epochs_run == 1
-    assert "latest.pt: not a readable checkpoint" in caplog.text and "starting over" in caplog.text
-    with pytest.raises(checkpoint.CheckpointError, match="best.pt"):
-        (ckpt_dir / "best.pt").write_bytes(b"\x00" * 10)
-        checkpoint.load(ckpt_dir / "best.pt")
+    assert "latest.safetensors: not a readable checkpoint" in caplog.text and "starting over" in caplog.text
+    with pytest.raises(checkpoint.CheckpointError, match="best.safetensors"):
+        (ckpt_dir / checkpoint.BEST).write_bytes(b"\x00" * 10)
+        checkpoint.load(ckpt_dir / checkpoint.BEST)
 
 
 def test_non_finite_loss_names_step_and_samples(setup, tmp_path):
@@ -246,7 +251,7 @@ def test_non_finite_loss_names_step_and_samples(setup, tmp_path):
             val_batches=lambda: batch_loader(dataset, batch_size=4, sampler=sample_ids),
             settings=LoopSettings(1, 1, 1, 0), ckpt_dir=tmp_path, best_payload=dict, run_fingerprint="f",
             tracker=NullTracker())
-    assert not (tmp_path / "best.pt").exists()
+    assert not (tmp_path / checkpoint.BEST).exists()
 
 
 def test_checkpoint_rebuilds_the_model_without_params(setup, tmp_path):
@@ -255,10 +260,9 @@ def test_checkpoint_rebuilds_the_model_without_params(setup, tmp_path):
     for p in model.parameters():  # move LoRA B off zero so merging has something to fold in
         p.data.add_(0.01 * torch.randn_like(p))
     model.eval()
-    checkpoint.save(tmp_path / "best.pt", {"spec": spec, "model": model.state_dict(),
-                                           "tokenizer": checkpoint.tokenizer_files(tokenizer)})
-    rebuilt, rebuilt_tokenizer, rebuilt_spec = model_from_checkpoint(tmp_path / "best.pt")
-    merged, _, _ = model_from_checkpoint(tmp_path / "best.pt", merge=True)
+    checkpoint.save(tmp_path / checkpoint.BEST, stage2_payload(spec, model, tokenizer))
+    rebuilt, rebuilt_tokenizer, rebuilt_spec = model_from_checkpoint(tmp_path / checkpoint.BEST)
+    merged, _, _ = model_from_checkpoint(tmp_path / checkpoint.BEST, merge=True)
     images = torch.from_numpy(np.array(manifest.images[:2])).permute(0, 3, 1, 2)
     assert rebuilt_spec == spec
     assert rebuilt_tokenizer("the red circle")["input_ids"] == tokenizer("the red circle")["input_ids"]

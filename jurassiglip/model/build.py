@@ -3,12 +3,14 @@
 `model_spec` freezes everything needed to rebuild a model into a plain dict
 (it travels inside every checkpoint, so inference never needs today's
 params.yaml); `build_model` turns a spec into a JurasSigLIP with LoRA
-adapters on both towers.
+adapters on both towers; `model_from_checkpoint` rebuilds a trained one from
+a checkpoint (see checkpoint.py), its base towers read offline.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -18,6 +20,7 @@ import torch
 
 from jurassiglip import checkpoint
 from jurassiglip.config import Params
+from jurassiglip.data.tokenizer import load_tokenizer
 from jurassiglip.model.fusion import CrossAttention
 from jurassiglip.model.head import NoTargetHead, SegHead
 from jurassiglip.model.lora import add_lora
@@ -29,8 +32,8 @@ log = logging.getLogger(__name__)
 
 
 def model_spec(params: Params, tokenizer: Any) -> dict[str, Any]:
-    """Everything `build_model` needs, as plain JSON-able values."""
-    return {
+    """Everything `build_model` needs, as plain JSON values (lists, not tuples: what a checkpoint gives back)."""
+    return json.loads(json.dumps({
         "preset": params.model.preset,
         "arch": dataclasses.asdict(params.model.arch),
         "image_mean": list(params.model.image_mean),
@@ -42,14 +45,21 @@ def model_spec(params: Params, tokenizer: Any) -> dict[str, Any]:
         "eos_token_id": tokenizer.eos_token_id,
         "logit_scale_init": params.pretrain.logit_scale_init,
         "logit_scale_max": params.pretrain.logit_scale_max,
-    }
+    }))
 
 
-def build_model(spec: dict[str, Any], *, lora: bool = True) -> JurasSigLIP:
+def build_model(spec: dict[str, Any], *, lora: bool = True, revisions: dict[str, str | None] | None = None,
+                local_files_only: bool = False) -> JurasSigLIP:
     """A JurasSigLIP from a spec: tiny random towers or pretrained ones, LoRA on both.
 
     Tiny towers are initialised from torch's current RNG state, so the caller
     seeds first; a checkpoint's state_dict overwrites them anyway.
+
+    Args:
+        revisions: {"vision": ..., "text": ...} hub revisions of the pretrained towers (None: the default
+            branch). The commits they resolve to are kept as `model.base_revisions` (None for a local
+            folder), so that a checkpoint names the exact base weights.
+        local_files_only: read the pretrained towers from a local folder or the local cache only.
     """
     arch = spec["arch"]
     if spec["preset"] == "tiny":
@@ -63,8 +73,13 @@ def build_model(spec: dict[str, Any], *, lora: bool = True) -> JurasSigLIP:
             max_position_embeddings=arch["text_max_len"], pad_token_id=spec["pad_token_id"],
             bos_token_id=spec["bos_token_id"], eos_token_id=spec["eos_token_id"])
     else:
-        vision_backbone = load_pretrained_vision(arch["vision_name"])
-        text_backbone = load_pretrained_text(arch["text_name"])
+        # Pinned to a commit before loading, so the checkpoint can name exactly the weights it was trained on.
+        commits = {tower: hub_commit(arch[f"{tower}_name"], (revisions or {}).get(tower),
+                                     local_files_only=local_files_only) for tower in ("vision", "text")}
+        vision_backbone = load_pretrained_vision(arch["vision_name"], revision=commits["vision"],
+                                                 local_files_only=local_files_only)
+        text_backbone = load_pretrained_text(arch["text_name"], revision=commits["text"],
+                                             local_files_only=local_files_only)
         check_pretrained_fit(vision_backbone.config, text_backbone.config, arch)
     if lora:
         cfg = spec["lora"]
@@ -80,8 +95,25 @@ def build_model(spec: dict[str, Any], *, lora: bool = True) -> JurasSigLIP:
     fusion = CrossAttention(dim=arch["shared_dim"], inner_dim=arch["fusion_inner_dim"], heads=arch["fusion_heads"])
     head = SegHead(dim=arch["shared_dim"], hidden=arch["head_hidden"])
     no_target = NoTargetHead(dim=arch["shared_dim"], hidden=arch["head_hidden"])
-    return JurasSigLIP(vision, text, fusion, head, no_target, logit_scale_init=spec["logit_scale_init"],
-                       logit_scale_max=spec["logit_scale_max"], image_size=arch["image_size"])
+    model = JurasSigLIP(vision, text, fusion, head, no_target, logit_scale_init=spec["logit_scale_init"],
+                        logit_scale_max=spec["logit_scale_max"], image_size=arch["image_size"])
+    if spec["preset"] != "tiny":
+        model.base_revisions = commits  # read by checkpoint.base_sources when the model is saved
+    return model
+
+
+def hub_commit(name_or_dir: str, revision: str | None, *, local_files_only: bool) -> str | None:
+    """The hub commit `revision` (None: the default branch) of a hub id resolves to; None for a local folder.
+
+    transformers resolves the same way inside `from_pretrained` but no longer
+    keeps the commit on the loaded config. Offline, the local cache's refs
+    answer; a revision that cannot be resolved is returned as given, and the
+    load that follows reports what is missing.
+    """
+    from transformers.utils.hub import resolve_revision
+
+    resolved = resolve_revision(name_or_dir, revision, local_files_only=local_files_only)
+    return getattr(resolved, "resolved", None) or revision
 
 
 def check_pretrained_fit(vision_config: Any, text_config: Any, arch: dict[str, Any]) -> None:
@@ -105,24 +137,77 @@ def hub_offline_unless_pretrained(preset: str) -> None:
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
+def checkpoint_loads_offline() -> bool:
+    """Loading a checkpoint reads its base towers from disk only, unless the user set HF_HUB_OFFLINE=0.
+
+    A checkpoint is used where it is deployed (an offline GPU node, a CI
+    runner): a missing base should fail at once with a message saying how to
+    get it, not after the hub client's retries. Training stages given a hub id
+    still download (the user's choice); only this path defaults to offline.
+    """
+    return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def model_from_checkpoint(path: str | Path, *, merge: bool = False,
                           map_location: str | torch.device = "cpu") -> tuple[JurasSigLIP, Any, dict[str, Any]]:
     """Rebuild a trained model and its tokenizer from a checkpoint alone (no params.yaml).
+
+    The tiny preset's checkpoint holds everything. The real preset's holds the
+    trained weights and the base towers' names and revisions: the towers are
+    read from their local folder or the local Hugging Face cache, offline
+    (see `checkpoint_loads_offline`); a missing one is a CheckpointError that
+    says how to download it.
 
     Args:
         merge: fold the LoRA adapters into the base weights (inference).
     Returns:
         (model, tokenizer, spec)
     """
-    payload = checkpoint.load(path, map_location)
-    spec = payload["spec"]
+    return model_from_payload(path, checkpoint.load(path, map_location), merge=merge)
+
+
+def model_from_payload(path: str | Path, payload: dict[str, Any], *,
+                       merge: bool = False) -> tuple[JurasSigLIP, Any, dict[str, Any]]:
+    """`model_from_checkpoint` for a payload already read from `path` (named in every error)."""
+    spec, base = payload["spec"], payload["base"]
     hub_offline_unless_pretrained(spec["preset"])
-    model = build_model(spec)
+    offline = checkpoint_loads_offline()
     try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as err:
-        raise checkpoint.CheckpointError(f"{path}: weights do not fit the model its spec describes: {err}") from None
+        model = build_model(spec, revisions=None if base["embedded"] else
+                            {tower: base[tower]["revision"] for tower in ("vision", "text")},
+                            local_files_only=offline)
+    except OSError as err:  # what transformers raises for a base missing from the folder or the cache
+        raise checkpoint.CheckpointError(_missing_base(path, base, offline, err)) from None
+    except ValueError as err:
+        raise checkpoint.CheckpointError(f"{path}: {err}") from None
+    checkpoint.load_weights(path, model, payload)
     if merge:
         model.merge_lora()
-    tokenizer = checkpoint.restore_tokenizer(payload["tokenizer"])
+    tokenizer = checkpoint.embedded_tokenizer(payload["tokenizer"])
+    if tokenizer is None:
+        reference = payload["tokenizer"]
+        try:
+            tokenizer = load_tokenizer(reference["name"], revision=reference["revision"], local_files_only=offline)
+        except OSError as err:
+            raise checkpoint.CheckpointError(_missing_base(path, {"text": reference}, offline, err)) from None
     return model, tokenizer, spec
+
+
+def _missing_base(path: str | Path, base: dict[str, Any], offline: bool, err: Exception) -> str:
+    """One message: the base checkpoints the file needs, and how to get them."""
+    needs, fixes = [], []
+    for tower in ("vision", "text"):
+        if tower not in base:
+            continue
+        name, revision = base[tower]["name"], base[tower]["revision"]
+        if revision:
+            needs.append(f"{name} at revision {revision}")
+            fixes.append(f"`hf download {name} --revision {revision}`")
+        else:  # a local folder when trained (no hub commit)
+            needs.append(f"{name} (a local folder when trained)")
+            fixes.append(f"put that folder back (or `hf download {name} --local-dir {name}` for a hub copy)")
+    where = "in a local folder or the local Hugging Face cache" if offline else "anywhere it could look"
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"{path}: needs the base checkpoints {' and '.join(needs)}, and one is not {where} ({reason}). "
+            f"Get them: {'; '.join(fixes)} (DINOv3 is gated: accept its licence on huggingface.co and run "
+            f"`hf auth login` first); or set HF_HUB_OFFLINE=0 to let loading download them")

@@ -170,3 +170,13 @@ class JurasSigLIP(nn.Module):
         no-target head; both towers frozen."""
         extra = list(self.no_target.parameters()) if with_no_target else []
         return self._set_trainable([*self.fusion.parameters(), *self.head.parameters(), *extra])
+
+    def trained_state_keys(self) -> list[str]:
+        """The state_dict keys training can change, in state_dict order: all but the towers' base weights.
+
+        That is the LoRA adapters, the text projection, the fusion, both heads
+        and the logit scale and bias: what a checkpoint of pretrained towers
+        stores (see checkpoint.py); the base weights come from their checkpoints.
+        """
+        base = ("vision.backbone.", "text.backbone.")
+        return [key for key in self.state_dict() if not key.startswith(base) or "lora_" in key]

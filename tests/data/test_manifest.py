@@ -192,8 +192,20 @@ def _wrong_rows(name):
     return edit
 
 
+def _set_mask_index(row, value):
+    def edit(df):
+        df.loc[row, "mask_index"] = value
+        return df
+    return edit
+
+
 TABLE_EDITS = [
     ("samples.parquet", _drop("mask_rle"), "missing column 'mask_rle'"),
+    ("samples.parquet", _drop("mask_index"), "missing column 'mask_index'"),
+    ("samples.parquet", _as_str("mask_index"), "column 'mask_index' has dtype"),
+    ("samples.parquet", _set_mask_index(0, 99), "column 'mask_index' must number the refs"),  # out of range
+    ("samples.parquet", _set_mask_index(0, -1), "column 'mask_index' must number the refs"),
+    ("samples.parquet", _set_mask_index(2, 0), "column 'mask_index' must number the refs"),  # another ref's mask
     ("samples.parquet", _as_str("n_targets"), "column 'n_targets' has dtype"),
     ("samples.parquet", _as_str("no_target"), "column 'no_target' has dtype"),
     ("samples.parquet", _shift_image_index, "column 'image_index' has values outside"),
@@ -215,7 +227,9 @@ def test_load_rejects_edited_tables(built, file_name, edit, message):
 @pytest.mark.parametrize("file_name", ["images.npy", "masks.npy", "image_masks.npy"])
 def test_load_rejects_arrays_out_of_sync(built, file_name):
     _wrong_rows(file_name)(built)
-    with pytest.raises(DataError, match=rf"{file_name}: shape .* rows but .*parquet has \d+ rows"):
+    # masks.npy's row count comes from samples.parquet's mask_index (one row per ref)
+    with pytest.raises(DataError, match=rf"{file_name}: shape .* rows but .*parquet( column 'mask_index' "
+                                        rf"\(max \+ 1\))? has \d+ rows"):
         Manifest.load(built)
 
 

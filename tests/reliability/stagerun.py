@@ -26,6 +26,8 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from jurassiglip import checkpoint
+
 PYTHON = sys.executable
 # Variables of the caller's shell that would send a test project's runs elsewhere.
 FOREIGN_ENV = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "JURASSIGLIP_PARENT_RUN_ID", "JURASSIGLIP_PARAMS")
@@ -195,7 +197,7 @@ def stage_runs(root: Path, stage: str) -> list:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return checkpoint.load(path)["model"]
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

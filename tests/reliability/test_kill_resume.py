@@ -9,9 +9,9 @@ That makes "killed inside a later epoch" a certainty rather than a race
 resume fingerprint covers the package's code, so editing jurassiglip/ while
 these tests run makes the restart start over and the resume tests fail.
 
-Corrupt checkpoints: a truncated latest.pt or best.pt makes the resume start
+Corrupt checkpoints: a truncated latest or best checkpoint makes the resume start
 over, with a log line naming the file, and still end at the uninterrupted
-result; a truncated upstream best.pt stops the next stage before any work
+result; a truncated upstream best checkpoint stops the next stage before any work
 with an error naming the file.
 """
 
@@ -42,29 +42,29 @@ def epochs_done(latest):
 
 @pytest.mark.slow
 def test_sigkill_leaves_a_loadable_checkpoint_of_a_finished_epoch(killed, reliability_params):
-    done = epochs_done(killed / CKPT / "latest.pt")  # loads: never half-written
+    done = epochs_done(killed / CKPT / checkpoint.LATEST)  # loads: never half-written
     assert 1 <= done < reliability_params["finetune"]["epochs"]
-    checkpoint.load(killed / CKPT / "best.pt")
+    checkpoint.load(killed / CKPT / checkpoint.BEST)
     assert not (killed / "data/seg_finetune/metrics.json").exists()  # the stage did not finish
 
 
 @pytest.mark.slow
 def test_restarted_stage_resumes_and_matches_the_uninterrupted_run(killed, reference_run, tmp_path):
     root = clone_project(killed, tmp_path / "project")
-    done = epochs_done(root / CKPT / "latest.pt")
-    (root / CKPT / ".latest.pt.x1y2.tmp").write_bytes(b"half of a checkpoint")  # what a kill mid-save leaves
+    done = epochs_done(root / CKPT / checkpoint.LATEST)
+    (root / CKPT / f".{checkpoint.LATEST}.x1y2.tmp").write_bytes(b"half of a checkpoint")  # what a kill mid-save leaves
     result = subprocess.run([PYTHON, "-m", "stages.seg_finetune"], cwd=root, env=stage_env(root),
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"after epoch {done}" in result.stderr and "resuming from" in result.stderr
 
     ref = reference_run.root
-    for name in ("best.pt", "latest.pt"):
+    for name in (checkpoint.BEST, checkpoint.LATEST):
         assert_same_weights(root / CKPT / name, ref / CKPT / name)
     assert metrics(root, "seg_finetune") == metrics(ref, "seg_finetune")
     assert (root / "data/seg_finetune/plots/loss.csv").read_text() == \
         (ref / "data/seg_finetune/plots/loss.csv").read_text()  # the curve keeps the killed attempt's epochs
-    assert sorted(p.name for p in (root / CKPT).iterdir()) == ["best.pt", "latest.pt"]  # no stale temp file
+    assert sorted(p.name for p in (root / CKPT).iterdir()) == [checkpoint.BEST, checkpoint.LATEST]  # no stale temp file
     attempts = stage_runs(root, "seg_finetune")
     assert [r.info.status for r in attempts] == ["RUNNING", "FINISHED"]  # SIGKILL cannot mark its own run
     curve = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_metric_history(attempts[-1].info.run_id, "val_loss")
@@ -77,7 +77,7 @@ def test_sigterm_stops_the_stage_cleanly_and_marks_its_run_killed(reference_run,
     root = project_like(reference_run.root, tmp_path / "project", "build_manifest", "contrastive_pretrain")
     log = kill_when(root, "seg_finetune", "epoch 2 step 1/", sig=signal.SIGTERM)  # asserts exit code 143
     assert "seg_finetune: stopped by SIGTERM" in log
-    assert 1 <= epochs_done(root / CKPT / "latest.pt")  # the finished epoch's checkpoint stays usable
+    assert 1 <= epochs_done(root / CKPT / checkpoint.LATEST)  # the finished epoch's checkpoint stays usable
     assert not (root / "data/seg_finetune/metrics.json").exists()
     attempts = stage_runs(root, "seg_finetune")
     assert [r.info.status for r in attempts] == ["KILLED"]
@@ -86,7 +86,7 @@ def test_sigterm_stops_the_stage_cleanly_and_marks_its_run_killed(reference_run,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damaged", ["latest.pt", "best.pt"])
+@pytest.mark.parametrize("damaged", ["latest.safetensors", "best.safetensors"])
 def test_truncated_checkpoint_starts_over_with_a_message_and_same_result(killed, reference_run, tmp_path, caplog,
                                                                         damaged):
     root = clone_project(killed, tmp_path / "project")
@@ -100,14 +100,14 @@ def test_truncated_checkpoint_starts_over_with_a_message_and_same_result(killed,
     assert f"{damaged}: not a readable checkpoint" in caplog.text and "starting over" in caplog.text
     assert "resuming from" not in caplog.text
     ref = reference_run.root
-    assert_same_weights(root / CKPT / "best.pt", ref / CKPT / "best.pt")
+    assert_same_weights(root / CKPT / checkpoint.BEST, ref / CKPT / checkpoint.BEST)
     assert metrics(root, "seg_finetune") == metrics(ref, "seg_finetune")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, upstream", [
-    ("seg_finetune", "data/contrastive_pretrain/checkpoints/best.pt"),
-    ("evaluate", "data/seg_finetune/checkpoints/best.pt"),
+    ("seg_finetune", "data/contrastive_pretrain/checkpoints/best.safetensors"),
+    ("evaluate", "data/seg_finetune/checkpoints/best.safetensors"),
 ])
 def test_truncated_upstream_checkpoint_stops_the_next_stage_naming_the_file(reference_run, tmp_path, stage,
                                                                             upstream):

@@ -4,7 +4,7 @@ The NaN enters through the real stage, never through a stand-in for fit:
 - a poisoned row of the frozen-feature cache (what bit rot or a stale cache
   would give) reaches a training batch of a resumed seg_finetune;
 - the same poison in a validation caption reaches the validation loss, which
-  fit used to accept silently (NaN < best is False: no best.pt, a "finished"
+  fit used to accept silently (NaN < best is False: no best checkpoint, a "finished"
   stage with best_val_loss inf);
 - pretrained weights whose outputs overflow fp16 (65504) would have been
   cached as inf: the cache build refuses them, naming the images.
@@ -18,7 +18,8 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from stagerun import clone_project, project_like, run_in_process, stage_runs
 
 from jurassiglip import checkpoint
@@ -49,8 +50,8 @@ def named_ids(message):
 def test_nan_in_a_training_batch_stops_the_stage_naming_step_and_samples(killed, tmp_path):
     root = clone_project(killed, tmp_path / "project")
     poisoned = poison_caption(root, "train")
-    before = {name: (root / CKPT / name).read_bytes() for name in ("latest.pt", "best.pt")}
-    done = checkpoint.load(root / CKPT / "latest.pt")["state"]["epoch"]
+    before = {name: (root / CKPT / name).read_bytes() for name in (checkpoint.LATEST, checkpoint.BEST)}
+    done = checkpoint.load(root / CKPT / checkpoint.LATEST)["state"]["epoch"]
 
     with pytest.raises(NonFiniteLoss) as err:
         run_in_process(root, "seg_finetune")  # resumes after `done` epochs, then meets the poisoned caption
@@ -79,11 +80,13 @@ def test_nan_in_a_validation_batch_stops_before_the_first_epoch(reference_run, t
 @pytest.mark.slow
 def test_features_beyond_fp16_are_refused_when_caching_naming_the_images(reference_run, tmp_path):
     root = project_like(reference_run.root, tmp_path / "project", "build_manifest", "contrastive_pretrain")
-    path = root / "data/contrastive_pretrain/checkpoints/best.pt"
-    payload = torch.load(path, weights_only=False)
-    (norm,) = [k for k in payload["model"] if k.startswith("vision.") and k.endswith("model.norm.weight")]
-    payload["model"][norm] = payload["model"][norm] * 1e6  # patch tokens now reach ~1e6
-    torch.save(payload, path)
+    path = root / "data/contrastive_pretrain/checkpoints" / checkpoint.BEST
+    with safe_open(path, framework="pt") as stored:
+        metadata = stored.metadata()
+        tensors = {key: stored.get_tensor(key) for key in stored.keys()}
+    (norm,) = [k for k in tensors if k.startswith("model.vision.") and k.endswith("model.norm.weight")]
+    tensors[norm] = tensors[norm] * 1e6  # patch tokens now reach ~1e6
+    save_file(tensors, path, metadata=metadata)
     with pytest.raises(NonFiniteFeatures, match=r"patch tokens of image_index \[\d+.*fp16 range.*cache_features"):
         run_in_process(root, "seg_finetune")
     assert not (root / CKPT).exists() and not (root / FEATURES).exists()

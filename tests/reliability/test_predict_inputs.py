@@ -1,4 +1,4 @@
-"""Inference on awkward inputs, with the checkpoint the micro pipeline trained (the reference run's best.pt).
+"""Inference on awkward inputs, with the checkpoint the micro pipeline trained (the reference run's best.safetensors).
 
 Any Pillow mode (1, L, P, RGBA, CMYK, I;16, LA, F, I read from real files;
 YCbCr, HSV, LAB, PA, RGBX, I;16B in memory), images from 1x1 to 8000x8000,
@@ -28,7 +28,7 @@ LONG = "the big red circle to the left of the small blue square " * 300  # ~17k 
 
 @pytest.fixture(scope="module")
 def best(reference_run) -> Path:
-    return reference_run.root / "data/seg_finetune/checkpoints/best.pt"
+    return reference_run.root / "data/seg_finetune/checkpoints/best.safetensors"
 
 
 @pytest.fixture(scope="module")

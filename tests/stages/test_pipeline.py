@@ -36,9 +36,9 @@ def test_every_output_exists(pipeline):
     expected = [
         "build_manifest/manifest/samples.parquet", "build_manifest/manifest/images.npy",
         "build_manifest/tokenizer/tokenizer.json", "build_manifest/metrics.json",
-        "contrastive_pretrain/checkpoints/best.pt", "contrastive_pretrain/checkpoints/latest.pt",
+        "contrastive_pretrain/checkpoints/best.safetensors", "contrastive_pretrain/checkpoints/latest.safetensors",
         "contrastive_pretrain/plots/loss.csv", "contrastive_pretrain/metrics.json",
-        "seg_finetune/checkpoints/best.pt", "seg_finetune/features/patches.npy", "seg_finetune/plots/loss.csv",
+        "seg_finetune/checkpoints/best.safetensors", "seg_finetune/features/patches.npy", "seg_finetune/plots/loss.csv",
         "evaluate/samples.parquet", "evaluate/samples.csv", "evaluate/metrics.json",
         "render_val/gallery/index.html",
     ]
