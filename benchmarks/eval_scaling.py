@@ -37,12 +37,11 @@ def run(opts: Options) -> None:
     setup = tiny(opts.quick)
     evaluate = setup.params.evaluate
     predictor = _predictor(setup, opts.seed, Decision.from_config(evaluate))
-    images_per_batch = max(1, evaluate.batch_size // 8)  # as stages/evaluate.py
 
     def scorer(view: Manifest):
         def go() -> None:
             split_metrics(evaluate_split(predictor, view, SPLIT, resolution=evaluate.resolution,
-                                         images_per_batch=images_per_batch, seed=setup.params.seed))
+                                         batch_size=evaluate.batch_size, seed=setup.params.seed))
         return go
 
     views = {n: _first_samples(setup.manifest, n) for n in cfg["sizes"]}
@@ -59,7 +58,7 @@ def run(opts: Options) -> None:
         rows.append([n, n_images, f"{t.median:.2f}", f"{t.spread:.0%}", f"{t.median / n * 1e3:.2f}",
                      f"{n / t.median:.0f}"])
     print(f"tiny model, LoRA merged, random weights; {predictor.decision.describe()}")
-    print(f"resolution={evaluate.resolution}, {images_per_batch} images per vision pass; "
+    print(f"resolution={evaluate.resolution}, {evaluate.batch_size} captions per forward pass; "
           f"median of {cfg['repeats']} round(s), sizes interleaved, after a warm-up at n={min(views)}")
     print(table(["samples", "images", "s", "spread", "ms/sample", "samples/s"], rows))
     steps = ", ".join(f"{a}->{b}: {np.log(tb / ta) / np.log(b / a):.2f}"

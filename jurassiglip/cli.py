@@ -3,6 +3,11 @@
 Writes, per caption, a binary mask PNG and an overlay PNG at the image's own
 size, and one JSON line (caption, no-target verdict, mask area, score,
 file names) to DIR/predictions.jsonl.
+
+The decision flags (mask threshold, no-target rule and its thresholds)
+default to the `evaluate` section of params.yaml: the one in the current
+directory, else the one of the repository the checkpoint lives in, so that a
+prediction decides as `dvc repro` evaluated.
 """
 
 from __future__ import annotations
@@ -13,20 +18,23 @@ import logging
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from jurassiglip import atomic
 from jurassiglip.checkpoint import BEST
+from jurassiglip.config import PARAMS_FILE, load_params
 from jurassiglip.stage import FINETUNE_CHECKPOINTS, setup_logging
+
+if TYPE_CHECKING:
+    from jurassiglip.predict import Decision
 
 log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jurassiglip.predict import Decision
-
     parser = argparse.ArgumentParser(prog="jurassiglip", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     predict = commands.add_parser("predict", help="segment what each caption refers to in one image")
@@ -35,17 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--checkpoint", type=Path, default=FINETUNE_CHECKPOINTS / BEST,
                          help="trained checkpoint (default: %(default)s)")
     predict.add_argument("--out", required=True, type=Path, help="output folder")
-    defaults = Decision()  # the same defaults as params.yaml's evaluate section
-    predict.add_argument("--mask-threshold", type=float, default=defaults.mask_threshold,
-                         help="foreground probability (default %(default)s)")
-    predict.add_argument("--no-target-rule", choices=("head", "area"), default=defaults.no_target_rule,
-                         help="head: the learned no-target head decides; area: a mask smaller than "
-                              "--no-target-min-area means no target (default %(default)s)")
-    predict.add_argument("--no-target-threshold", type=float, default=defaults.no_target_threshold,
-                         help="head rule: no-target probability above which a caption is no-target "
-                              "(default %(default)s)")
-    predict.add_argument("--no-target-min-area", type=float, default=defaults.no_target_min_area,
-                         help="area rule: no-target when the mask covers less of the image (default %(default)s)")
+    rule = predict.add_argument_group(
+        "decision", f"each flag defaults to evaluate.<name> of ./{PARAMS_FILE}, else of the {PARAMS_FILE} of the "
+                    f"repository holding --checkpoint (first folder above it with {PARAMS_FILE} and dvc.yaml)")
+    rule.add_argument("--mask-threshold", type=float, help="foreground probability (evaluate.mask_threshold)")
+    rule.add_argument("--no-target-rule", choices=("head", "area"),
+                      help="head: the learned no-target head decides; area: a mask smaller than "
+                           "--no-target-min-area means no target (evaluate.no_target_rule)")
+    rule.add_argument("--no-target-threshold", type=float,
+                      help="head rule: no-target probability above which a caption is no-target "
+                           "(evaluate.no_target_threshold)")
+    rule.add_argument("--no-target-min-area", type=float,
+                      help="area rule: no-target when the mask covers less of the image (evaluate.no_target_min_area)")
     predict.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = parser.parse_args(argv)
     setup_logging()
@@ -57,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from jurassiglip.predict import Decision, Predictor, read_image
+    from jurassiglip.data.images import read_image
+    from jurassiglip.predict import Predictor
     from jurassiglip.render import overlay_mask
 
-    decision = Decision(args.mask_threshold, args.no_target_rule, args.no_target_min_area, args.no_target_threshold)
+    decision = _decision(args)
     predictor = Predictor.from_checkpoint(args.checkpoint, decision, device=args.device)
     image = read_image(args.image)
     results = predictor.predict(image, args.text)
@@ -81,6 +91,37 @@ def _predict(args: argparse.Namespace) -> int:
                  result.area, result.score)
     atomic.write_text(args.out / "predictions.jsonl", "\n".join(lines) + "\n")
     return 0
+
+
+DECISION_FLAGS = ("mask_threshold", "no_target_rule", "no_target_min_area", "no_target_threshold")
+
+
+def _decision(args: argparse.Namespace) -> Decision:
+    """The decision flags given, the others from params.yaml's evaluate section (see the module docstring)."""
+    from jurassiglip.predict import Decision
+
+    values = {name: getattr(args, name) for name in DECISION_FLAGS}
+    missing = [name for name, value in values.items() if value is None]
+    if missing:
+        params = _params_for(args.checkpoint)
+        if params is None:
+            flags = " ".join(f"--{name.replace('_', '-')}" for name in missing)
+            raise ValueError(f"no {PARAMS_FILE} in the current directory nor above {args.checkpoint} "
+                             f"(a folder with {PARAMS_FILE} and dvc.yaml) to take defaults from: give {flags}")
+        evaluate = load_params(params).evaluate
+        values.update({name: getattr(evaluate, name) for name in missing})
+        log.debug("decision defaults from %s: %s", params, ", ".join(f"{n} {values[n]}" for n in missing))
+    return Decision(**values)
+
+
+def _params_for(checkpoint: Path) -> Path | None:
+    """./params.yaml, else that of the first folder above `checkpoint` holding params.yaml and dvc.yaml."""
+    if Path(PARAMS_FILE).is_file():
+        return Path(PARAMS_FILE)
+    for folder in Path(checkpoint).resolve().parents:
+        if (folder / PARAMS_FILE).is_file() and (folder / "dvc.yaml").is_file():
+            return folder / PARAMS_FILE
+    return None
 
 
 def _slug(text: str) -> str:

@@ -11,8 +11,9 @@ pass two baselines are scored:
 - text-blind union: the union of all annotated objects of the image, never
   no-target (what a model that only finds "objects" would get).
 
-The result is a per-sample table (one row per caption) and the metrics
-computed from it (metrics.py does the arithmetic).
+Both variants of a batch of images go through one `Predictor.infer` call
+(the images are encoded once). The result is a per-sample table (one row per
+caption) and the metrics computed from it (metrics.py does the arithmetic).
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ import logging
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm import tqdm
 
 from jurassiglip import metrics
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.masks import resize_mask
-from jurassiglip.predict import Predictor, upsample_probabilities
+from jurassiglip.predict import Inference, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,14 @@ TABLE_COLUMNS = ["sample_id", "ref_id", "sent_id", "image_id", "split", "sentenc
 
 
 def evaluate_split(predictor: Predictor, manifest: Manifest, split: str, *, resolution: str | int,
-                   images_per_batch: int, seed: int) -> pd.DataFrame:
+                   batch_size: int, seed: int) -> pd.DataFrame:
     """Per-sample results of the model and both baselines on one split.
 
     Args:
         resolution: "original" or a square size in pixels.
-        images_per_batch: images encoded per vision pass (their captions follow).
+        batch_size: captions per forward pass, the shuffled-text ones included; whole
+            images are taken in order, so a pass holds at least one image's captions
+            (twice: model and shuffled text).
         seed: permutation of the shuffled-text baseline.
     """
     rows = manifest.split(split)
@@ -52,19 +54,15 @@ def evaluate_split(predictor: Predictor, manifest: Manifest, split: str, *, reso
     rng = np.random.default_rng(seed)
     shuffled = dict(zip(sample_ids.tolist(), [captions[j] for j in rng.permutation(len(captions))]))
     by_image = rows.groupby("image_index", sort=True)["sample_id"].apply(list)
-    image_indices = by_image.index.to_numpy()
     records: list[dict] = []
-    for start in tqdm(range(0, len(image_indices), images_per_batch), desc=f"evaluate {split}", leave=False,
-                      disable=None):
-        chunk = image_indices[start:start + images_per_batch]
-        patches = predictor.encode_images(manifest.images[chunk])  # (n_img, N, D)
+    for chunk in tqdm(_pack(by_image, batch_size), desc=f"evaluate {split}", leave=False, disable=None):
         ids = [sid for idx in chunk for sid in by_image[idx]]
-        owner = torch.tensor([i for i, idx in enumerate(chunk) for _ in by_image[idx]], device=patches.device)
-        for variant, texts in (("model", [manifest.samples.at[s, "sentence"] for s in ids]),
-                               ("shuffled", [shuffled[s] for s in ids])):
-            tokens, mask = predictor.encode_texts(texts)
-            logits, nt_prob = predictor.outputs(patches[owner], tokens, mask)  # (n, 1, S, S), (n,)
-            _score(predictor, manifest, ids, logits, nt_prob, resolution, variant, records)
+        owner = [k for k, idx in enumerate(chunk) for _ in by_image[idx]]
+        sizes = [_size(manifest, sid, resolution) for sid in ids]
+        texts = [manifest.samples.at[s, "sentence"] for s in ids] + [shuffled[s] for s in ids]
+        results = predictor.infer(manifest.images[chunk], texts, owner * 2, sizes * 2)
+        _score(manifest, ids, results[:len(ids)], resolution, "model", records)
+        _score(manifest, ids, results[len(ids):], resolution, "shuffled", records)
     table = pd.DataFrame.from_records(records)
     table = table.groupby("sample_id", sort=True).first().reset_index()
     meta = manifest.samples.loc[table["sample_id"], ["ref_id", "sent_id", "image_id", "split", "sentence", "kind",
@@ -73,15 +71,35 @@ def evaluate_split(predictor: Predictor, manifest: Manifest, split: str, *, reso
     return table[TABLE_COLUMNS]
 
 
-def _score(predictor: Predictor, manifest: Manifest, ids: list[int], logits: torch.Tensor, nt_prob: torch.Tensor,
-           resolution: str | int, variant: str, records: list[dict]) -> None:
-    for k, sample_id in enumerate(ids):
+def _pack(by_image: pd.Series, batch_size: int) -> list[list[int]]:
+    """Image indices in order, cut into chunks whose captions (x2: model and shuffled) fit `batch_size`."""
+    chunks: list[list[int]] = []
+    used = batch_size  # start a chunk at the first image
+    for image_index, ids in by_image.items():
+        if used + 2 * len(ids) > batch_size:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(int(image_index))
+        used += 2 * len(ids)
+    return chunks
+
+
+def _size(manifest: Manifest, sample_id: int, resolution: str | int) -> tuple[int, int]:
+    """(H, W) at which a sample is scored: the image's own size or the square evaluation size."""
+    if resolution == "original":
+        row = manifest.samples.iloc[sample_id]
+        return int(row["height"]), int(row["width"])
+    return int(resolution), int(resolution)
+
+
+def _score(manifest: Manifest, ids: list[int], results: list[Inference], resolution: str | int, variant: str,
+           records: list[dict]) -> None:
+    for sample_id, result in zip(ids, results):
         row = manifest.samples.iloc[sample_id]
         gt = _at_resolution(manifest.original_target(sample_id), resolution)
-        size = gt.shape
-        prob = upsample_probabilities(logits[k:k + 1], size)  # (1, H, W)
-        pred, pred_nt = predictor.decision.masks(prob, nt_prob[k:k + 1])
-        pred_np, pred_nt = pred[0].cpu().numpy(), bool(pred_nt[0])
+        pred_np, pred_nt = result.mask.cpu().numpy(), result.no_target
+        if pred_np.shape != gt.shape:
+            raise ValueError(f"sample {sample_id}: mask {pred_np.shape} but ground truth {gt.shape}")
         gt_nt = bool(row["no_target"])
         i, u = metrics.intersection_union(pred_np, gt, pred_nt, gt_nt)
         iou = float(metrics.sample_iou([i], [u], [gt_nt], [pred_nt])[0])
@@ -89,7 +107,7 @@ def _score(predictor: Predictor, manifest: Manifest, ids: list[int], logits: tor
             union = _at_resolution(manifest.original_objects(int(row["image_index"])), resolution)
             ui, uu = metrics.intersection_union(union, gt, False, gt_nt)
             records.append({"sample_id": sample_id, "gt_nt": gt_nt, "pred_nt": pred_nt,
-                            "nt_prob": float(nt_prob[k]), "I": i, "U": u, "IoU": iou,
+                            "nt_prob": result.no_target_prob, "I": i, "U": u, "IoU": iou,
                             "area": float(pred_np.mean()), "union_I": ui, "union_U": uu,
                             "union_IoU": float(metrics.sample_iou([ui], [uu], [gt_nt], [False])[0])})
         else:

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from jurassiglip import atomic, distributed
 from jurassiglip.data.datasets import BatchDataset, target_masks
 from jurassiglip.data.manifest import Manifest
-from jurassiglip.train import autocast
+from jurassiglip.env import autocast
 
 log = logging.getLogger(__name__)
 

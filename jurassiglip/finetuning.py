@@ -6,6 +6,8 @@ per-caption target mask (no-target captions keep their empty target)
 `cache_features` the towers run once per image / caption before training
 (features.py) and every epoch reads fp16 features from disk; without it
 they run live on every step, which gives the same loss to fp16 precision.
+`segmentation_objective` builds the `SegmentationObjective` that
+`train.fit` trains.
 
 Under torchrun each rank trains on its share of the global batch through a
 DDP wrapper of `JurasSigLIP.decode`; the ranks build the feature cache
@@ -15,22 +17,22 @@ all read the whole of it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from jurassiglip import distributed
 from jurassiglip.config import FinetuneConfig
-from jurassiglip.data.datasets import CaptionDataset, EpochSampler, batch_loader
+from jurassiglip.data.datasets import CaptionDataset, EpochSampler
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.features import CachedSegDataset, build_cache
 from jurassiglip.losses import no_target_loss, segmentation_loss
 from jurassiglip.model.model import JurasSigLIP
-from jurassiglip.train import FitResult, LoopSettings, fit
+from jurassiglip.train import Batch, EpochBatches, Objective
 
 
 def split_ids(manifest: Manifest, split: str) -> np.ndarray:
@@ -86,41 +88,79 @@ def live_loss_fn(model: JurasSigLIP, cfg: FinetuneConfig, decode: Decode | None 
     return loss_fn
 
 
-def train_segmentation(model: JurasSigLIP, manifest: Manifest, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor, *, cfg: FinetuneConfig, train_split: str, val_split: str,
-                       seed: int, ckpt_dir: Path, features_dir: Path, cache_fingerprint: str, best_payload: Any,
-                       run_fingerprint: str, tracker: Any) -> FitResult:
-    """Fit stage 2 on `train_split`, early-stopping on `val_split` loss (on this rank's share under torchrun)."""
+class SegmentationObjective(Objective):
+    """Stage 2 for `train.fit`: the mask and no-target loss of fusion + heads on the frozen towers.
+
+    Args:
+        model: the model; fusion, segmentation head and (with a no-target weight) the no-target
+            head are made trainable here, before DDP wraps its decoder.
+        batches: feature-cache batches (a `CachedSegDataset`: only fusion + heads run) or
+            image-and-caption batches (a `CaptionDataset`: the towers run too, without grad).
+        cfg: the finetune section (the loss weights).
+        spec, tokenizer: what the checkpoint carries to rebuild the model (model/build.py).
+    """
+
+    STAGE = "seg_finetune"  # the checkpoint's stage (checkpoint.STAGES)
+
+    def __init__(self, model: JurasSigLIP, batches: EpochBatches, *, cfg: FinetuneConfig, spec: dict[str, Any],
+                 tokenizer: Any):
+        self.model = model
+        self.batches = batches
+        self.spec, self.tokenizer = spec, tokenizer
+        self.no_target = cfg.no_target_weight > 0
+        self._trainable = model.trainable_for_finetune(with_no_target=self.no_target)
+        decode = distributed.data_parallel(model, JurasSigLIP.decode)
+        loss_fn = cached_loss_fn if isinstance(batches.dataset, CachedSegDataset) else live_loss_fn
+        self._loss = loss_fn(model, cfg, decode)
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return self._trainable
+
+    def train_batches(self, epoch: int) -> Iterable[Batch]:
+        return self.batches.train(epoch)
+
+    def val_batches(self) -> Iterable[Batch]:
+        return self.batches.val()
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        return self._loss(batch)
+
+    def train_mode(self) -> None:
+        train_head_only(self.model)
+
+    def checkpoint_payload(self) -> dict[str, Any]:
+        return {"spec": self.spec, "model": self.model, "tokenizer": self.tokenizer, "stage": self.STAGE,
+                "heads": {"segmentation": True, "no_target": self.no_target}}
+
+
+def segmentation_objective(model: JurasSigLIP, manifest: Manifest, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor, *, cfg: FinetuneConfig, train_split: str, val_split: str,
+                           seed: int, features_dir: Path, cache_fingerprint: str, spec: dict[str, Any],
+                           tokenizer: Any) -> SegmentationObjective:
+    """Stage 2 on `train_split`, validated on `val_split` (this rank's share), on cached or live features.
+
+    With `cfg.cache_features` the feature cache of both splits is built (or
+    found up to date) in `features_dir` first: a collective under torchrun.
+
+    Args:
+        input_ids, attention_mask: (n_samples, L) tokens of every manifest row.
+        cache_fingerprint: what the cache must have been built from to be reused.
+        spec, tokenizer: what the checkpoint carries to rebuild the model.
+    """
     rank, world = distributed.rank(), distributed.world_size()
-    batch_size = cfg.per_rank_batch(world)
     train_ids, val_ids = split_ids(manifest, train_split), split_ids(manifest, val_split)
-    trainable = model.trainable_for_finetune(with_no_target=cfg.no_target_weight > 0)
-    decode = distributed.data_parallel(model, JurasSigLIP.decode)
     dataset: Dataset
     if cfg.cache_features:
         # a collective: every rank encodes its share (or all find it up to date)
         cache = build_cache(model, manifest, input_ids, attention_mask, np.concatenate([train_ids, val_ids]),
                             features_dir, batch_size=cfg.batch_size, fingerprint=cache_fingerprint)
-        dataset, loss_fn = CachedSegDataset(manifest, cache), cached_loss_fn(model, cfg, decode)
+        dataset = CachedSegDataset(manifest, cache)
     else:
         dataset = CaptionDataset(manifest, input_ids, attention_mask, with_target=True)
-        loss_fn = live_loss_fn(model, cfg, decode)
-    train_sampler = EpochSampler(train_ids, None, seed=seed, rank=rank, world_size=world)
-    val_sampler = EpochSampler(val_ids, None, seed=seed, shuffle=False, rank=rank, world_size=world)
-
-    def train_batches(epoch: int) -> DataLoader:
-        train_sampler.set_epoch(epoch)
-        return batch_loader(dataset, sampler=train_sampler, batch_size=batch_size, num_workers=cfg.num_workers)
-
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return fit(
-        model=model, optimizer=optimizer, loss_fn=loss_fn, train_batches=train_batches,
-        val_batches=lambda: batch_loader(dataset, sampler=val_sampler, batch_size=batch_size,
-                                         num_workers=cfg.num_workers),
-        settings=LoopSettings(cfg.epochs, cfg.patience, cfg.log_every, cfg.max_val_batches, cfg.lr_schedule),
-        ckpt_dir=ckpt_dir, best_payload=best_payload, run_fingerprint=run_fingerprint, tracker=tracker,
-        train_mode=lambda: train_head_only(model),
-    )
+    batches = EpochBatches(dataset, EpochSampler(train_ids, None, seed=seed, rank=rank, world_size=world),
+                           EpochSampler(val_ids, None, seed=seed, shuffle=False, rank=rank, world_size=world),
+                           batch_size=cfg.per_rank_batch(world), num_workers=cfg.num_workers)
+    return SegmentationObjective(model, batches, cfg=cfg, spec=spec, tokenizer=tokenizer)
 
 
 def train_head_only(model: JurasSigLIP) -> None:

@@ -5,13 +5,16 @@ no-target decision is an explicit rule with a threshold (SPEC §5): `head`
 calls a caption no-target when the learned head's probability exceeds
 `no_target_threshold`; `area` when the predicted foreground covers less than
 `no_target_min_area` of the image. Evaluation, the gallery and the
-`jurassiglip predict` CLI all go through `Predictor`, so they apply the same
-threshold and rule, and all refuse a checkpoint whose heads were not trained
-for what is asked of them (`check_trained_for`).
+`jurassiglip predict` CLI all go through `Predictor.infer` (encode images ->
+encode captions -> decode -> upsample logits to the size asked for ->
+decide), so they apply the same threshold and rule, and all refuse a
+checkpoint whose heads were not trained for what is asked of them
+(`check_trained_for`).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,7 @@ from PIL import Image
 
 from jurassiglip import checkpoint
 from jurassiglip.config import EvaluateConfig
-from jurassiglip.data.manifest import to_rgb
+from jurassiglip.data.images import read_image, to_rgb
 from jurassiglip.data.tokenizer import tokenize
 from jurassiglip.model.build import model_from_payload
 from jurassiglip.model.model import JurasSigLIP
@@ -33,13 +36,14 @@ from jurassiglip.model.model import JurasSigLIP
 class Decision:
     """Mask threshold and no-target rule (the numbers reported next to the metrics).
 
-    The defaults are those of params.yaml's evaluate section (the CLI uses them).
+    No defaults here: they live in params.yaml's evaluate section
+    (`from_config`), which the CLI reads too.
     """
 
-    mask_threshold: float = 0.4        # sigmoid probability above which a pixel is foreground
-    no_target_rule: str = "head"       # head | area
-    no_target_min_area: float = 0.01   # area rule: foreground fraction below which a caption is no-target
-    no_target_threshold: float = 0.5   # head rule: no-target probability above which a caption is no-target
+    mask_threshold: float        # sigmoid probability above which a pixel is foreground
+    no_target_rule: str          # head | area
+    no_target_min_area: float    # area rule: foreground fraction below which a caption is no-target
+    no_target_threshold: float   # head rule: no-target probability above which a caption is no-target
 
     def __post_init__(self) -> None:
         if self.no_target_rule not in ("head", "area"):
@@ -62,6 +66,16 @@ class Decision:
             return mask, no_target_prob > self.no_target_threshold
         area = mask.flatten(1).float().mean(1)  # (B,)
         return mask, area < self.no_target_min_area
+
+
+@dataclass(frozen=True)
+class Inference:
+    """The model's answer for one caption at the size asked for (tensors on the predictor's device)."""
+
+    prob: torch.Tensor     # (H, W) float32 foreground probability (sigmoid of the upsampled logits)
+    mask: torch.Tensor     # (H, W) bool: prob > decision.mask_threshold
+    no_target_prob: float  # the no-target head's probability
+    no_target: bool        # the decision rule's verdict
 
 
 @dataclass
@@ -103,14 +117,49 @@ class Predictor:
         return cls(model, tokenizer, spec, decision, device)
 
     @torch.no_grad()
-    def encode_images(self, images: np.ndarray) -> torch.Tensor:
+    def infer(self, images: np.ndarray, captions: Sequence[str], owner: Sequence[int],
+              sizes: Sequence[tuple[int, int]]) -> list[Inference]:
+        """Masks, probabilities and no-target verdicts for captions about a batch of images.
+
+        The one inference path: the CLI, evaluation and the gallery all call it.
+        Mask logits are upsampled (bilinear, not binarised masks) to each
+        caption's size, in one batch per distinct size, then thresholded.
+
+        Args:
+            images: uint8 (n_img, S, S, 3) images at the training size (see `prepare`).
+            captions: C non-empty captions.
+            owner: C indices into `images`: the image each caption is about.
+            sizes: C (H, W) at which each caption's mask and probabilities are wanted.
+
+        Returns:
+            C results, in caption order.
+        """
+        if not len(captions) == len(owner) == len(sizes):
+            raise ValueError(f"{len(captions)} captions, {len(owner)} owners and {len(sizes)} sizes: give one each")
+        patches = self._encode_images(images)            # (n_img, N, D)
+        tokens, mask = self._encode_texts(captions)      # (C, L, D), (C, L)
+        index = torch.as_tensor(list(owner), dtype=torch.long, device=patches.device)
+        logits, nt_prob = self._outputs(patches[index], tokens, mask)  # (C, 1, S, S), (C,)
+        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for k, size in enumerate(sizes):
+            by_size[(int(size[0]), int(size[1]))].append(k)
+        results: list[Inference | None] = [None] * len(captions)
+        for size, members in by_size.items():
+            rows = torch.as_tensor(members, dtype=torch.long, device=logits.device)
+            prob = upsample_probabilities(logits[rows], size)                 # (G, H, W)
+            masks, verdicts = self.decision.masks(prob, nt_prob[rows])        # (G, H, W), (G,)
+            for j, k in enumerate(members):
+                results[k] = Inference(prob=prob[j], mask=masks[j], no_target_prob=float(nt_prob[k]),
+                                       no_target=bool(verdicts[j]))
+        return results
+
+    def _encode_images(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (B, S, S, 3) training-size images -> patch tokens (B, N, D)."""
         batch = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).to(self.device)
         patches, _ = self.model.encode_image(batch)
         return patches
 
-    @torch.no_grad()
-    def encode_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions -> projected tokens (B, L, D) and mask (B, L)."""
         for text in texts:
             if not text or not text.strip():
@@ -119,9 +168,8 @@ class Predictor:
         tokens, mask, _ = self.model.encode_text(ids.to(self.device), mask.to(self.device))
         return tokens, mask
 
-    @torch.no_grad()
-    def outputs(self, patches: torch.Tensor, tokens: torch.Tensor,
-                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _outputs(self, patches: torch.Tensor, tokens: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N, D), (B, L, D), (B, L) -> mask logits (B, 1, S, S) at training size and no-target
         probabilities (B,)."""
         logits, no_target = self.model.decode(patches, tokens, mask)
@@ -142,17 +190,13 @@ class Predictor:
         """Masks at the image's own size for each caption."""
         if not texts:
             raise ValueError("no caption given: pass at least one text")
-        pixels, (height, width) = self.prepare(image)
-        patches = self.encode_images(pixels[None])  # (1, N, D)
-        tokens, mask = self.encode_texts(texts)       # (T, L, D), (T, L)
-        logits, nt_prob = self.outputs(patches.expand(len(texts), -1, -1), tokens, mask)  # (T, 1, S, S), (T,)
-        prob = upsample_probabilities(logits, (height, width))  # (T, H, W)
-        masks, no_target = self.decision.masks(prob, nt_prob)
+        pixels, size = self.prepare(image)
+        results = self.infer(pixels[None], texts, [0] * len(texts), [size] * len(texts))
         out = []
-        for i, text in enumerate(texts):
-            m, p = masks[i].cpu().numpy(), prob[i].cpu().numpy()
-            out.append(Prediction(text=text, mask=m, prob=p.astype(np.float32), no_target=bool(no_target[i]),
-                                  no_target_prob=float(nt_prob[i]),
+        for text, result in zip(texts, results):
+            m, p = result.mask.cpu().numpy(), result.prob.cpu().numpy()
+            out.append(Prediction(text=text, mask=m, prob=p.astype(np.float32), no_target=result.no_target,
+                                  no_target_prob=result.no_target_prob,
                                   area=float(m.mean()), score=float(p[m].mean()) if m.any() else 0.0))
         return out
 
@@ -173,19 +217,6 @@ def check_trained_for(path: str | Path, payload: dict, decision: Decision) -> No
         raise checkpoint.CheckpointError(
             f"{path} has an untrained no-target head (trained with finetune.no_target_weight 0): "
             f"use --no-target-rule area (evaluate.no_target_rule: area in params.yaml)")
-
-
-def read_image(path: str | Path) -> Image.Image:
-    """An image file as RGB (any PIL mode converted); a clear error naming the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: image not found")
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            return to_rgb(opened).copy()
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path}: cannot read the image ({err})") from None
 
 
 def upsample_probabilities(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

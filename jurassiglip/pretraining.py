@@ -5,7 +5,8 @@ the logit scale. Only captions that name something in their image are used
 (a no-target caption is not a description of its image). Each epoch takes
 one caption per image, so no batch treats two captions of one image as
 negatives of each other; the loss also counts same-image pairs as positives
-should a sampler ever put two in one batch.
+should a sampler ever put two in one batch. `contrastive_objective` builds
+all of that into the `ContrastiveObjective` that `train.fit` trains.
 
 Under torchrun every rank embeds its share of the global batch and the loss
 is computed over the features of all ranks (gathered with their gradients),
@@ -23,22 +24,22 @@ one micro-batch; the gradient is that of the whole batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from jurassiglip import distributed
 from jurassiglip.config import PretrainConfig
-from jurassiglip.data.datasets import CaptionDataset, EpochSampler, batch_loader
+from jurassiglip.data.datasets import CaptionDataset, EpochSampler
 from jurassiglip.data.manifest import Manifest
+from jurassiglip.env import autocast
 from jurassiglip.losses import clip_loss, sigmoid_loss
 from jurassiglip.model.model import JurasSigLIP
-from jurassiglip.train import Batch, FitResult, LoopSettings, autocast, backward_step, fit
+from jurassiglip.train import Batch, EpochBatches, Objective, backward_step
 
 
 def contrastive_samples(manifest: Manifest, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -58,23 +59,49 @@ def contrastive_outputs(model: JurasSigLIP, images: torch.Tensor, input_ids: tor
     return image_emb, text_emb, model.logit_scale, model.logit_bias
 
 
-class ContrastiveObjective:
-    """The stage-1 loss of a batch and the training step that backpropagates it.
+class ContrastiveObjective(Objective):
+    """Stage 1 for `train.fit`: the contrastive loss of caption batches and its (gradient-cache) step.
 
     Args:
-        model: the model; its trainable parameters must be set before (DDP syncs those).
-        loss: "clip" or "sigmoid" (pretrain.loss).
+        model: the model; its stage-1 parameters are made trainable here, before DDP wraps it.
+        batches: the targeted captions of both splits, on this rank's share (`contrastive_objective`).
+        loss: "clip" or "sigmoid" (pretrain.loss); the sigmoid loss also trains the logit bias.
         micro_batch: samples per forward pass with a graph; below the rank's batch size
             the step is a gradient cache, at or above it a plain forward and backward.
+        spec, tokenizer: what the checkpoint carries to rebuild the model (model/build.py).
     """
 
-    def __init__(self, model: JurasSigLIP, loss: str, micro_batch: int):
+    STAGE = "contrastive_pretrain"  # the checkpoint's stage (checkpoint.STAGES)
+
+    def __init__(self, model: JurasSigLIP, batches: EpochBatches, *, loss: str, micro_batch: int,
+                 spec: dict[str, Any], tokenizer: Any):
         self.model = model
+        self.batches = batches
         self.sigmoid = loss == "sigmoid"
         self.micro_batch = micro_batch
+        self.spec, self.tokenizer = spec, tokenizer
         self.dev = next(model.parameters()).device
+        self._trainable = model.trainable_for_pretrain(with_logit_bias=self.sigmoid)
         self.forward = distributed.data_parallel(model, contrastive_outputs)
-        self._whole_batch_step = backward_step(self.loss, self.dev)
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return self._trainable
+
+    def train_batches(self, epoch: int) -> Iterable[Batch]:
+        return self.batches.train(epoch)
+
+    def val_batches(self) -> Iterable[Batch]:
+        return self.batches.val()
+
+    def after_step(self) -> None:
+        self.model.clamp_logit_scale_()
+
+    def epoch_extras(self) -> dict[str, float]:
+        return {"logit_scale": math.exp(float(self.model.logit_scale.detach()))}
+
+    def checkpoint_payload(self) -> dict[str, Any]:
+        return {"spec": self.spec, "model": self.model, "tokenizer": self.tokenizer, "stage": self.STAGE,
+                "heads": {"segmentation": False, "no_target": False}}
 
     def _inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
         return tuple(batch[k].to(self.dev) for k in ("image", "input_ids", "attention_mask", "image_index"))
@@ -94,9 +121,9 @@ class ContrastiveObjective:
                               scale, bias, distributed.all_gather(image_ids))  # over (B, D) = all ranks
 
     def step(self, batch: Batch) -> torch.Tensor:
-        """One training step's loss and gradients (fit's `train_step`)."""
+        """One training step's loss, detached, and gradients: the gradient cache or the plain step."""
         if self.micro_batch >= len(batch["sample_id"]):
-            return self._whole_batch_step(batch)
+            return backward_step(self.loss, batch, self.dev)
         return self._grad_cache_step(batch)
 
     def _grad_cache_step(self, batch: Batch) -> torch.Tensor:
@@ -182,36 +209,23 @@ class RngState:
             torch.cuda.set_rng_state(self.cuda, self.dev)
 
 
-def train_contrastive(model: JurasSigLIP, manifest: Manifest, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor, *, cfg: PretrainConfig, train_split: str, val_split: str,
-                      seed: int, ckpt_dir: Path, best_payload: Any, run_fingerprint: str, tracker: Any) -> FitResult:
-    """Fit stage 1 on `train_split`, early-stopping on `val_split` loss (on this rank's share under torchrun)."""
+def contrastive_objective(model: JurasSigLIP, manifest: Manifest, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor, *, cfg: PretrainConfig, train_split: str, val_split: str,
+                          seed: int, spec: dict[str, Any], tokenizer: Any) -> ContrastiveObjective:
+    """Stage 1 on the targeted captions of `train_split`, validated on `val_split` (this rank's share).
+
+    Args:
+        input_ids, attention_mask: (n_samples, L) tokens of every manifest row.
+        spec, tokenizer: what the checkpoint carries to rebuild the model.
+    """
     rank, world = distributed.rank(), distributed.world_size()
-    batch_size = cfg.per_rank_batch(world)
-    dataset = CaptionDataset(manifest, input_ids, attention_mask, with_target=False)
     train_ids, train_images = contrastive_samples(manifest, train_split)
     val_ids, val_images = contrastive_samples(manifest, val_split)
-    train_sampler = EpochSampler(train_ids, train_images, seed=seed, one_per_image=True, rank=rank, world_size=world)
-    # Validation: a fixed caption per image (epoch 0 of a fixed seed), fixed order.
-    val_sampler = EpochSampler(val_ids, val_images, seed=seed, one_per_image=True, shuffle=False, rank=rank,
-                               world_size=world)
-
-    def loader(sampler: EpochSampler, drop_last: bool) -> DataLoader:
-        return batch_loader(dataset, sampler=sampler, batch_size=batch_size, num_workers=cfg.num_workers,
-                            drop_last=drop_last)
-
-    def train_batches(epoch: int) -> DataLoader:
-        train_sampler.set_epoch(epoch)
-        return loader(train_sampler, drop_last=True)
-
-    trainable = model.trainable_for_pretrain(with_logit_bias=cfg.loss == "sigmoid")
-    objective = ContrastiveObjective(model, cfg.loss, cfg.per_rank_micro_batch(world))
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return fit(
-        model=model, optimizer=optimizer, loss_fn=objective.loss, train_step=objective.step,
-        train_batches=train_batches, val_batches=lambda: loader(val_sampler, drop_last=False),
-        settings=LoopSettings(cfg.epochs, cfg.patience, cfg.log_every, cfg.max_val_batches, cfg.lr_schedule),
-        ckpt_dir=ckpt_dir, best_payload=best_payload, run_fingerprint=run_fingerprint, tracker=tracker,
-        epoch_extras=lambda: {"logit_scale": math.exp(float(model.logit_scale.detach()))},
-        after_step=model.clamp_logit_scale_,
-    )
+    batches = EpochBatches(
+        CaptionDataset(manifest, input_ids, attention_mask, with_target=False),
+        EpochSampler(train_ids, train_images, seed=seed, one_per_image=True, rank=rank, world_size=world),
+        # Validation: a fixed caption per image (epoch 0 of a fixed seed), fixed order.
+        EpochSampler(val_ids, val_images, seed=seed, one_per_image=True, shuffle=False, rank=rank, world_size=world),
+        batch_size=cfg.per_rank_batch(world), num_workers=cfg.num_workers, drop_last=True)
+    return ContrastiveObjective(model, batches, loss=cfg.loss, micro_batch=cfg.per_rank_micro_batch(world),
+                                spec=spec, tokenizer=tokenizer)

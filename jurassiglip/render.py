@@ -1,8 +1,8 @@
 """Pictures of predictions for the validation gallery: arrays in, images out.
 
 Everything here is pure: functions take numpy arrays (and strings) and return
-numpy arrays, PIL images or an HTML string. Saving files and logging them to
-MLflow is the caller's job (the render_val stage).
+numpy arrays or PIL images. Saving files and logging them to MLflow is the
+caller's job (the render_val stage; the HTML page is gallery.gallery_html).
 
 One panel shows one image and one row per caption:
 
@@ -17,10 +17,8 @@ Shapes: H x W image or mask; masks are bool, images uint8 RGB.
 
 from __future__ import annotations
 
-import html
 import math
-import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -412,75 +410,97 @@ def panel(
         raise ValueError(f"tile must be at least 16 pixels, got {tile}")
     tw, th = _tile_size(image.shape[0], image.shape[1], tile)
     content_w = 3 * tw + 2 * _GAP
-    width = content_w + 2 * _MARGIN
+    text_font, small_font = _font(_TEXT_SIZE), _font(_SMALL_SIZE)
 
-    header_font = _font(_HEADER_SIZE)
-    text_font = _font(_TEXT_SIZE)
-    small_font = _font(_SMALL_SIZE)
-    text_h = _line_height(text_font)
-    small_h = _line_height(small_font)
-    header_h = _line_height(header_font)
-
-    # First pass: build the tiles and lay out the text, so the canvas height is known.
+    # First build the tiles and lay out the text, so the canvas height is known.
     base = _resize_image(image, (tw, th))
     pale = wash_out(base)
-    row_blocks = []
-    for k, row in enumerate(rows):
-        gt = np.asarray(row.gt, dtype=bool)
-        pred = np.asarray(row.pred, dtype=bool)
-        if gt.shape != pred.shape or np.shape(row.prob) != gt.shape:
-            raise ValueError(
-                f"row {k}: gt, pred and prob must share one shape, got "
-                f"{gt.shape}, {pred.shape}, {np.shape(row.prob)}"
-            )
-        gt_tile = _resize_mask(gt, (tw, th))
-        pred_tile = _resize_mask(pred, (tw, th))
-        tiles = (
-            spotlight(base, gt_tile),
-            overlay_errors(pale, pred_tile, gt_tile, alpha=0.8),
-            heatmap(_resize_prob(row.prob, (tw, th))),
-        )
-        caption = _wrap(f'"{row.caption}"', text_font, content_w, _MAX_CAPTION_LINES)
-        row_blocks.append((caption, _status_lines(row, text_font, content_w), tiles))
-
+    blocks = [_row_block(k, row, base, pale, text_font, content_w) for k, row in enumerate(rows)]
     # Column titles wrap within their tile, so narrow (portrait) tiles never collide.
     column_titles = [
         _wrap(name, small_font, tw, 2) for name in ("ground truth", "prediction: TP / FP / FN", "probability")
     ]
-    title_lines = max(len(lines) for lines in column_titles)
     legend_lines = _legend_layout(small_font, content_w)
-    height = _MARGIN + header_h + title_lines * small_h + _GAP
-    for caption, status, _ in row_blocks:
+    text_h, small_h = _line_height(text_font), _line_height(small_font)
+    height = _MARGIN + _line_height(_font(_HEADER_SIZE)) + max(len(t) for t in column_titles) * small_h + _GAP
+    for caption, status, _ in blocks:
         height += (len(caption) + len(status)) * text_h + 2 + th + _GAP * 2
     height += _GAP + len(legend_lines) * (small_h + 4) + _MARGIN
 
-    canvas = Image.new("RGB", (width, height), _BACKGROUND)
+    canvas = Image.new("RGB", (content_w + 2 * _MARGIN, height), _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
+    y = _draw_header(draw, "image" if image_id is None else f"image {image_id}", column_titles, tw)
+    for block in blocks:
+        y = _draw_row(canvas, draw, block, y, content_w, th)
+    _draw_legend(canvas, draw, legend_lines, y + _GAP)
+    return canvas
+
+
+# A laid-out row: caption lines, status lines (see _status_lines), and its three tiles.
+RowBlock = tuple[list[str], list[list[tuple[int, str, RGB]]], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _row_block(k: int, row: RowSpec, base: np.ndarray, pale: np.ndarray, font: Font, width: int) -> RowBlock:
+    """Row ``k``'s wrapped caption, status line and tiles (ground truth, TP/FP/FN, heatmap) at the size of ``base``."""
+    gt = np.asarray(row.gt, dtype=bool)
+    pred = np.asarray(row.pred, dtype=bool)
+    if gt.shape != pred.shape or np.shape(row.prob) != gt.shape:
+        raise ValueError(
+            f"row {k}: gt, pred and prob must share one shape, got "
+            f"{gt.shape}, {pred.shape}, {np.shape(row.prob)}"
+        )
+    size = (base.shape[1], base.shape[0])  # (tw, th)
+    gt_tile = _resize_mask(gt, size)
+    pred_tile = _resize_mask(pred, size)
+    tiles = (
+        spotlight(base, gt_tile),
+        overlay_errors(pale, pred_tile, gt_tile, alpha=0.8),
+        heatmap(_resize_prob(row.prob, size)),
+    )
+    caption = _wrap(f'"{row.caption}"', font, width, _MAX_CAPTION_LINES)
+    return caption, _status_lines(row, font, width), tiles
+
+
+def _draw_header(draw: ImageDraw.ImageDraw, title: str, column_titles: list[list[str]], tw: int) -> int:
+    """The panel title and the column titles; returns the y where the first row starts."""
+    header_font, small_font = _font(_HEADER_SIZE), _font(_SMALL_SIZE)
+    small_h = _line_height(small_font)
     y = _MARGIN
-    title = "image" if image_id is None else f"image {image_id}"
     draw.text((_MARGIN, y), _drawable(title, header_font), font=header_font, fill=_TEXT_COLOR)
-    y += header_h
+    y += _line_height(header_font)
     for col, lines in enumerate(column_titles):
         for k, line in enumerate(lines):
             draw.text((_MARGIN + col * (tw + _GAP), y + k * small_h), line, font=small_font, fill=_MUTED_COLOR)
-    y += title_lines * small_h + _GAP
+    return y + max(len(lines) for lines in column_titles) * small_h + _GAP
 
-    for caption, status, tiles in row_blocks:
-        # A hairline separates rows so each caption visibly owns its tiles.
-        draw.line([(_MARGIN, y - _GAP // 2), (_MARGIN + content_w, y - _GAP // 2)], fill=(210, 210, 210))
-        for line in caption:
-            draw.text((_MARGIN, y), line, font=text_font, fill=_TEXT_COLOR)
-            y += text_h
-        for line in status:
-            for x, text, color in line:
-                draw.text((_MARGIN + x, y), text, font=text_font, fill=color)
-            y += text_h
-        y += 2
-        for col, tile_array in enumerate(tiles):
-            canvas.paste(Image.fromarray(tile_array), (_MARGIN + col * (tw + _GAP), y))
-        y += th + _GAP * 2
 
-    y += _GAP
+def _draw_row(canvas: Image.Image, draw: ImageDraw.ImageDraw, block: RowBlock, y: int, content_w: int,
+              th: int) -> int:
+    """One caption's text band and tiles from ``y``; returns the y of the next row."""
+    caption, status, tiles = block
+    text_font = _font(_TEXT_SIZE)
+    text_h = _line_height(text_font)
+    # A hairline separates rows so each caption visibly owns its tiles.
+    draw.line([(_MARGIN, y - _GAP // 2), (_MARGIN + content_w, y - _GAP // 2)], fill=(210, 210, 210))
+    for line in caption:
+        draw.text((_MARGIN, y), line, font=text_font, fill=_TEXT_COLOR)
+        y += text_h
+    for line in status:
+        for x, text, color in line:
+            draw.text((_MARGIN + x, y), text, font=text_font, fill=color)
+        y += text_h
+    y += 2
+    tw = tiles[0].shape[1]
+    for col, tile_array in enumerate(tiles):
+        canvas.paste(Image.fromarray(tile_array), (_MARGIN + col * (tw + _GAP), y))
+    return y + th + _GAP * 2
+
+
+def _draw_legend(canvas: Image.Image, draw: ImageDraw.ImageDraw, legend_lines: list[list[LegendUnit]],
+                 y: int) -> None:
+    """The colour legend (see _legend_layout), its first line at ``y``."""
+    small_font = _font(_SMALL_SIZE)
+    small_h = _line_height(small_font)
     for line in legend_lines:
         x = _MARGIN
         for unit in line:
@@ -496,7 +516,6 @@ def panel(
                 x += _piece_width(piece, small_font)
             x += 2 * _GAP
         y += small_h + 4
-    return canvas
 
 
 def _legend_units() -> list[LegendUnit]:
@@ -527,80 +546,3 @@ def _legend_layout(font: Font, width: int) -> list[list[LegendUnit]]:
         lines[-1].append(unit)
         x += w
     return lines
-
-
-def _format_metric(value: float) -> str:
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return str(int(value))
-    value = float(value)
-    return f"{value:.4f}" if math.isfinite(value) else str(value)
-
-
-def gallery_html(
-    entries: Sequence[tuple[str, str]],
-    metrics: Mapping[str, float],
-    rule_text: str,
-    title: str = "jurassiglip validation gallery",
-) -> str:
-    """A self-contained HTML page: metrics table, no-target rule, panels.
-
-    No external stylesheet, script or font; the only links are the panel
-    images, by the relative paths given, so the page works from a folder
-    copied anywhere (or from an MLflow artifact view).
-
-    Args:
-        entries: (title, relative PNG path) per panel, in display order.
-        metrics: metric name -> value, shown in the given order (ints as
-            ints, floats with 4 decimals).
-        rule_text: how pred_nt was decided, e.g. "no target when predicted
-            foreground < 0.2% of the image"; shown next to the numbers.
-        title: page title and heading.
-
-    Returns:
-        The page as a string; every caller-provided string is HTML-escaped.
-    """
-    esc = html.escape
-    metric_rows = "\n".join(
-        f"      <tr><th>{esc(str(name))}</th><td>{esc(_format_metric(value))}</td></tr>"
-        for name, value in metrics.items()
-    )
-    figures = "\n".join(
-        "    <figure>\n"
-        # Quote the path as a URL (spaces, '#', '?') and then escape it for the attribute.
-        f'      <img src="{esc(urllib.parse.quote(path), quote=True)}"'
-        f' alt="{esc(name, quote=True)}" loading="lazy">\n'
-        f"      <figcaption>{esc(name)}</figcaption>\n"
-        "    </figure>"
-        for name, path in entries
-    )
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-  <meta charset="utf-8">
-  <title>{esc(title)}</title>
-  <style>
-    body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #141414; }}
-    table {{ border-collapse: collapse; margin-bottom: 1em; }}
-    th, td {{ border: 1px solid #ccc; padding: 0.2em 0.8em; text-align: left; }}
-    td {{ font-variant-numeric: tabular-nums; text-align: right; }}
-    .rule {{ background: #f4f4f4; padding: 0.5em 0.8em; border-left: 4px solid #0072b2; }}
-    .panels {{ display: flex; flex-wrap: wrap; gap: 1.5em; }}
-    figure {{ margin: 0; }}
-    figcaption {{ font-size: 0.9em; color: #555; }}
-  </style>
-</head>
-<body>
-  <h1>{esc(title)}</h1>
-  <table>
-    <thead><tr><th>metric</th><th>value</th></tr></thead>
-    <tbody>
-{metric_rows}
-    </tbody>
-  </table>
-  <p class="rule"><strong>No-target rule:</strong> {esc(rule_text)}</p>
-  <div class="panels">
-{figures}
-  </div>
-</body>
-</html>
-"""

@@ -20,6 +20,9 @@ rows. A stage stopped by invalid params still leaves a FAILED run
 The same `log_metrics` call writes MLflow and the stage's DVC metrics JSON,
 and `log_epoch` writes MLflow steps and the DVC plots CSV, so the two views
 never disagree.
+
+Stages and the fit loop see a tracker as a `StageTracker`, the methods they
+call; ranks other than 0 under torchrun log into a `NullTracker`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -103,6 +106,31 @@ def changed_params(current: dict[str, Any], cwd: str | Path | None = None) -> di
         return {}
     flat = flatten(current)
     return {k: v for k, v in flat.items() if baseline.get(k, object()) != v}
+
+
+class StageTracker(Protocol):
+    """What a stage and the fit loop log through: `Tracker` on rank 0, `NullTracker` on the other ranks."""
+
+    def log_metrics(self, metrics: dict[str, Any]) -> None:
+        """Final numbers of the stage (DVC metrics JSON and MLflow)."""
+
+    def log_resources(self, values: dict[str, float]) -> None:
+        """Wall time, peak memory and the like (MLflow only)."""
+
+    def log_epoch(self, plot: str, epoch: int, values: dict[str, float]) -> None:
+        """One row of a per-epoch curve (DVC plots CSV and MLflow steps)."""
+
+    def restore_epochs(self, plot: str, rows: list[dict[str, Any]]) -> None:
+        """The rows of a curve written before a resume."""
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """One file into the MLflow run's artifacts."""
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        """A folder's files into the MLflow run's artifacts."""
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Tags of the MLflow run."""
 
 
 class TrackingError(RuntimeError):
@@ -210,18 +238,32 @@ class Tracker:
 
 
 class NullTracker:
-    """Stands in for the Tracker on ranks other than 0 under torchrun: every Tracker method, doing nothing.
+    """Stands in for the Tracker on ranks other than 0 under torchrun: every StageTracker method, doing nothing.
 
     One training stage is one MLflow run and one set of DVC files, written by
     rank 0; the other ranks run the same stage code and log into this.
     """
 
-    run_id = None
+    def log_metrics(self, metrics: dict[str, Any]) -> None:
+        pass
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or not callable(getattr(Tracker, name, None)):
-            raise AttributeError(f"Tracker has no method {name!r}")
-        return lambda *args, **kwargs: None
+    def log_resources(self, values: dict[str, float]) -> None:
+        pass
+
+    def log_epoch(self, plot: str, epoch: int, values: dict[str, float]) -> None:
+        pass
+
+    def restore_epochs(self, plot: str, rows: list[dict[str, Any]]) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
 
 
 def check_store(uri: str) -> None:

@@ -1,13 +1,14 @@
-"""The fit loop shared by both training stages.
+"""The fit loop shared by both training stages, and the `Objective` it trains.
 
-Epochs, validation, early stopping on validation loss, best and latest
-checkpoints written atomically (format: checkpoint.py), resume from the
-latest one, bf16 autocast on CUDA (fp32 on CPU), one progress line every N
-steps, and a loud stop on a non-finite loss. What a step computes is the caller's business: it passes a
-`loss_fn(batch) -> loss` (validation, and by default training through
-`backward_step`), and may pass its own `train_step(batch) -> loss` that fills
-the gradients itself (stage 1's gradient cache runs several forward and
-backward passes per step).
+A stage's recipe hands `fit` an objective (stage 1's in pretraining.py,
+stage 2's in finetuning.py): the model and its trainable parameters, the
+batches, the loss of a batch, the training step, and what the checkpoint
+holds. The loop knows nothing else of either stage. It owns the epochs,
+validation, early stopping on validation loss, AdamW and its learning-rate
+schedule, best and latest checkpoints written atomically (format:
+checkpoint.py), resume from the latest one, bf16 autocast on CUDA (fp32 on
+CPU; env.py), one progress line every N steps, and a loud stop on a
+non-finite loss.
 
 Under torchrun (see distributed.py) every rank runs this loop on its shard:
 the losses it reports are averaged over ranks, so every rank takes the same
@@ -16,33 +17,29 @@ early-stopping decision, and only rank 0 writes checkpoints, curves and logs.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import random
 import time
+from abc import abstractmethod
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from jurassiglip import checkpoint, distributed
 from jurassiglip.checkpoint import TrainState
+from jurassiglip.config import FinetuneConfig, PretrainConfig
+from jurassiglip.data.datasets import EpochSampler, batch_loader
+from jurassiglip.env import autocast
+from jurassiglip.tracking import StageTracker
 
 log = logging.getLogger(__name__)
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-
 Batch = dict[str, torch.Tensor]
-# Computes the loss of a batch, fills the trainable parameters' .grad and returns the loss, detached;
-# on a non-finite loss it returns the loss without any backward (fit then stops with NonFiniteLoss).
-TrainStep = Callable[[Batch], torch.Tensor]
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -51,11 +48,22 @@ class NonFiniteLoss(FloatingPointError):
 
 @dataclass(frozen=True)
 class LoopSettings:
+    """The loop's numbers; `loop_settings` reads them from a training stage's params section."""
+
     epochs: int
-    patience: int
-    log_every: int
+    patience: int  # epochs without a better validation loss before the loop stops
+    log_every: int  # training steps between progress lines
     max_val_batches: int  # 0 = all
+    lr: float  # AdamW's base learning rate
+    weight_decay: float  # AdamW's
     lr_schedule: str = "constant"  # constant | cosine (decay to 0 over all epochs' steps)
+
+
+def loop_settings(cfg: PretrainConfig | FinetuneConfig) -> LoopSettings:
+    """The loop's numbers from the `pretrain` or `finetune` section."""
+    return LoopSettings(epochs=cfg.epochs, patience=cfg.patience, log_every=cfg.log_every,
+                        max_val_batches=cfg.max_val_batches, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                        lr_schedule=cfg.lr_schedule)
 
 
 @dataclass(frozen=True)
@@ -73,91 +81,103 @@ class FitResult:
                 "best_epoch": self.best_epoch, "epochs_run": self.epochs_run}
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+class Objective(Protocol):
+    """What a training recipe hands to `fit`: the model, its batches, its loss and step, its checkpoint.
 
-
-def device() -> torch.device:
-    """This process's GPU (its LOCAL_RANK under torchrun), else the CPU."""
-    return torch.device("cuda", distributed.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def autocast(dev: torch.device):
-    """bf16 autocast on CUDA (as the prototype); plain fp32 on CPU."""
-    if dev.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def fingerprint(*parts: Any, files: Iterable[Path] = ()) -> str:
-    """Hash of the inputs that define a training run: params, upstream files, and this package's code.
-
-    The code is included so that a resume never continues a run started by
-    other code (DVC re-runs a stage after a code change; the old latest
-    checkpoint must not be picked up then).
+    Stage 1's is `pretraining.ContrastiveObjective`, stage 2's
+    `finetuning.SegmentationObjective`. They subclass this protocol to inherit
+    the defaults of `step`, `train_mode`, `after_step` and `epoch_extras`;
+    the abstract members have none.
     """
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
-    for path in [*sorted(PACKAGE_DIR.rglob("*.py")), *files]:
-        digest.update(path.name.encode())
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:20]
+
+    model: torch.nn.Module  # the whole model: fit restores its weights on resume and validates it in eval mode
+
+    @abstractmethod
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """The parameters AdamW updates, in a fixed order (the latest checkpoint keeps their state by position)."""
+
+    @abstractmethod
+    def train_batches(self, epoch: int) -> Iterable[Batch]:
+        """This rank's training batches of `epoch` (from 1), in an order that depends on the epoch only."""
+
+    @abstractmethod
+    def val_batches(self) -> Iterable[Batch]:
+        """This rank's validation batches, the same at every call."""
+
+    @abstractmethod
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """The scalar loss of a batch; fit validates with it, under autocast and without grad."""
+
+    def step(self, batch: Batch) -> torch.Tensor:
+        """One training step: the loss of `batch`, detached, with the trainable parameters' .grad filled.
+
+        On a non-finite loss: the loss without any backward (fit then stops
+        with NonFiniteLoss). Default: `backward_step` of `loss`.
+        """
+        return backward_step(self.loss, batch, next(self.model.parameters()).device)
+
+    def train_mode(self) -> None:
+        """Put the model in training mode, before every epoch (default: all of it)."""
+        self.model.train()
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (default: nothing)."""
+
+    def epoch_extras(self) -> dict[str, float]:
+        """More values for the epoch's row of the loss curve (default: none)."""
+        return {}
+
+    @abstractmethod
+    def checkpoint_payload(self) -> dict[str, Any]:
+        """The checkpoint's contents: spec, model, tokenizer, stage, heads (see `checkpoint.save`)."""
 
 
-def backward_step(loss_fn: Callable[[Batch], torch.Tensor], dev: torch.device) -> TrainStep:
-    """The usual training step: the loss under autocast, then its backward."""
-
-    def step(batch: Batch) -> torch.Tensor:
-        with autocast(dev):
-            loss = loss_fn(batch)
-        if torch.isfinite(loss):
-            loss.backward()
-        return loss.detach()
-
-    return step
+def backward_step(loss: Callable[[Batch], torch.Tensor], batch: Batch, dev: torch.device) -> torch.Tensor:
+    """The usual training step: the loss under autocast, then its backward (none if it is not finite)."""
+    with autocast(dev):
+        value = loss(batch)
+    if torch.isfinite(value):
+        value.backward()
+    return value.detach()
 
 
-def fit(
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: Callable[[Batch], torch.Tensor],
-    train_batches: Callable[[int], Iterable[dict[str, torch.Tensor]]],
-    val_batches: Callable[[], Iterable[dict[str, torch.Tensor]]],
-    settings: LoopSettings,
-    ckpt_dir: Path,
-    best_payload: Callable[[], dict[str, Any]],
-    run_fingerprint: str,
-    tracker: Any,
-    epoch_extras: Callable[[], dict[str, float]] = dict,
-    after_step: Callable[[], None] = lambda: None,
-    train_mode: Callable[[], Any] | None = None,
-    train_step: TrainStep | None = None,
-    is_main: bool | None = None,
-) -> FitResult:
+@dataclass(frozen=True)
+class EpochBatches:
+    """An objective's data: the training split in a new order every epoch, the validation split in a fixed one."""
+
+    dataset: Dataset
+    train_sampler: EpochSampler
+    val_sampler: EpochSampler
+    batch_size: int  # per rank
+    num_workers: int
+    drop_last: bool = False  # of the training batches; validation keeps a last, smaller batch
+
+    def train(self, epoch: int) -> DataLoader:
+        self.train_sampler.set_epoch(epoch)
+        return batch_loader(self.dataset, sampler=self.train_sampler, batch_size=self.batch_size,
+                            num_workers=self.num_workers, drop_last=self.drop_last)
+
+    def val(self) -> DataLoader:
+        return batch_loader(self.dataset, sampler=self.val_sampler, batch_size=self.batch_size,
+                            num_workers=self.num_workers)
+
+
+def fit(objective: Objective, settings: LoopSettings, ckpt_dir: Path, run_fingerprint: str,
+        tracker: StageTracker) -> FitResult:
     """Train until `settings.epochs` or early stopping; resume from ckpt_dir's latest checkpoint when it matches.
 
     Args:
-        train_batches: epoch -> batches (the sampler is reseeded from the epoch).
-        val_batches: -> validation batches (same every call).
-        best_payload: -> the checkpoint's contents (spec, model, tokenizer, stage, heads; see
-            `checkpoint.save`), stored as ckpt_dir/best.safetensors (inference needs nothing else) and,
-            with the optimizer, RNG and TrainState added, as ckpt_dir/latest.safetensors.
-        run_fingerprint: from `fingerprint(...)`; a latest checkpoint of another fingerprint is not resumed.
-        epoch_extras: more per-epoch values for the curve (e.g. the logit scale).
-        after_step: called after every optimizer step (e.g. clamping the logit scale).
-        train_mode: puts the model in training mode (default `model.train()`); stage 2
-            keeps its frozen towers in eval mode so live and cached features agree.
-        train_step: batch -> loss with the gradients filled (default: `backward_step(loss_fn)`).
-        is_main: writes checkpoints and curves (default: rank 0 under torchrun, else True).
+        objective: the model, its batches, loss and training step, and what its checkpoint holds.
+        ckpt_dir: gets best.safetensors, `objective.checkpoint_payload()` of the best validation epoch
+            (inference needs nothing else), and latest.safetensors, that of the last epoch with the
+            optimizer, RNG and TrainState added (a resume needs nothing else).
+        run_fingerprint: from `codedeps.fingerprint(...)`; a latest checkpoint of another fingerprint is not resumed.
+        tracker: gets the loss curve, one row per epoch (from rank 0 only).
     """
+    model = objective.model
     dev = next(model.parameters()).device
-    train_mode = train_mode or model.train
-    train_step = train_step or backward_step(loss_fn, dev)
-    is_main = distributed.is_main() if is_main is None else is_main
+    is_main = distributed.is_main()
+    optimizer = torch.optim.AdamW(objective.trainable(), lr=settings.lr, weight_decay=settings.weight_decay)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     latest_path, best_path = ckpt_dir / checkpoint.LATEST, ckpt_dir / checkpoint.BEST
     state = TrainState(epoch=0, best_val=math.inf, best_epoch=0, bad_epochs=0, history=[])
@@ -178,18 +198,17 @@ def fit(
         if is_main:
             tracker.restore_epochs("loss", state.history)
     else:
-        start_val = evaluate_loss(model, loss_fn, val_batches(), settings.max_val_batches)
-        train_mode()
+        start_val = evaluate_loss(objective, settings.max_val_batches)
+        objective.train_mode()
         log.info("start: val loss %.4f", start_val)
 
     stopped_early = state.bad_epochs >= settings.patience
     while state.epoch < settings.epochs and not stopped_early:
         epoch = state.epoch + 1
-        train_mode()
-        train_loss = _train_epoch(optimizer, train_step, train_batches(epoch), epoch, settings, after_step, base_lrs,
-                                  is_main)
-        val_loss = evaluate_loss(model, loss_fn, val_batches(), settings.max_val_batches)
-        row = {"train_loss": train_loss, "val_loss": val_loss, **epoch_extras()}
+        objective.train_mode()
+        train_loss = _train_epoch(objective, optimizer, epoch, settings, base_lrs, is_main)
+        val_loss = evaluate_loss(objective, settings.max_val_batches)
+        row = {"train_loss": train_loss, "val_loss": val_loss, **objective.epoch_extras()}
         state.history.append({"epoch": epoch, **row})
         improved = val_loss < state.best_val
         state.epoch = epoch
@@ -202,7 +221,7 @@ def fit(
                  " (best)" if improved else f" (no improvement for {state.bad_epochs})")
         if is_main:
             tracker.log_epoch("loss", epoch, row)
-            payload = best_payload()
+            payload = objective.checkpoint_payload()
             if improved:
                 checkpoint.save(best_path, payload)
             checkpoint.save(latest_path, {
@@ -221,18 +240,17 @@ def fit(
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, loss_fn: Callable[[Batch], torch.Tensor],
-                  batches: Iterable[Batch], max_batches: int) -> float:
-    """Mean loss over validation batches (weighted by batch size, over all ranks); leaves the model in eval mode."""
-    model.eval()
+def evaluate_loss(objective: Objective, max_batches: int) -> float:
+    """Mean validation loss (weighted by batch size, over all ranks); leaves the model in eval mode."""
+    objective.model.eval()
     total, count = 0.0, 0
-    dev = next(model.parameters()).device
-    for i, batch in enumerate(batches):
+    dev = next(objective.model.parameters()).device
+    for i, batch in enumerate(objective.val_batches()):
         if max_batches and i >= max_batches:
             break
         n = len(batch["sample_id"])
         with autocast(dev):
-            loss = float(loss_fn(batch))
+            loss = float(objective.loss(batch))
         if not math.isfinite(loss):  # else NaN < best is False: no best checkpoint, and the run would go on silently
             raise NonFiniteLoss(f"non-finite validation loss {loss} at validation step {i + 1}; "
                                 f"batch sample ids {batch['sample_id'].tolist()}")
@@ -255,23 +273,23 @@ def lr_factor(schedule: str, progress: float) -> float:
     return 1.0
 
 
-def _train_epoch(optimizer, train_step: TrainStep, batches, epoch: int, settings: LoopSettings,
-                 after_step: Callable[[], None], base_lrs: list[float], is_main: bool) -> float:
+def _train_epoch(objective: Objective, optimizer: torch.optim.Optimizer, epoch: int, settings: LoopSettings,
+                 base_lrs: list[float], is_main: bool) -> float:
     total, count, seen, start = 0.0, 0, 0, time.perf_counter()
-    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None if is_main else True)
+    bar = tqdm(objective.train_batches(epoch), desc=f"epoch {epoch}", leave=False, disable=None if is_main else True)
     steps = len(bar)
     for step, batch in enumerate(bar, start=1):
         factor = lr_factor(settings.lr_schedule, ((epoch - 1) * steps + step - 1) / (settings.epochs * steps))
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
         optimizer.zero_grad(set_to_none=True)
-        loss = train_step(batch)
+        loss = objective.step(batch)
         if not torch.isfinite(loss):
             ids = batch["sample_id"].tolist()
             raise NonFiniteLoss(f"non-finite loss {float(loss)} at epoch {epoch} step {step}; "
                                 f"batch sample ids {ids}")
         optimizer.step()
-        after_step()
+        objective.after_step()
         n = len(batch["sample_id"])
         total += float(loss) * n
         count += n

@@ -10,12 +10,12 @@ from jurassiglip.data.refs import read_refs
 from jurassiglip.data.source import resolve_source
 from jurassiglip.data.tokenizer import build_word_tokenizer
 from jurassiglip.stage import entry, stage_dir
-from jurassiglip.tracking import Tracker
+from jurassiglip.tracking import StageTracker
 
 NAME = "build_manifest"
 
 
-def run(params: Params, tracker: Tracker) -> None:
+def run(params: Params, tracker: StageTracker) -> None:
     out = stage_dir(NAME)
     source = resolve_source(params, out / "source")
     refs = read_refs(source.grefs_path, source.instances_path, splits=params.data.splits,

@@ -1,18 +1,20 @@
 """contrastive_pretrain: align image CLS and caption features (LoRA + text projection + logit scale)."""
 
+from jurassiglip.codedeps import fingerprint
 from jurassiglip.config import Params
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.tokenizer import caption_tokenizer, tokenize
+from jurassiglip.env import device, seed_everything
 from jurassiglip.model.build import build_model, hub_offline_unless_pretrained, model_spec
-from jurassiglip.pretraining import train_contrastive
+from jurassiglip.pretraining import contrastive_objective
 from jurassiglip.stage import MANIFEST_DIR, PRETRAIN_CHECKPOINTS, TOKENIZER_DIR, entry
-from jurassiglip.train import device, fingerprint, seed_everything
-from jurassiglip.tracking import Tracker
+from jurassiglip.tracking import StageTracker
+from jurassiglip.train import fit, loop_settings
 
 NAME = "contrastive_pretrain"
 
 
-def run(params: Params, tracker: Tracker) -> None:
+def run(params: Params, tracker: StageTracker) -> None:
     hub_offline_unless_pretrained(params.model.preset)
     seed_everything(params.seed)
     manifest = Manifest.load(MANIFEST_DIR, params.model.arch.image_size, f"model.{params.model.preset}.image_size")
@@ -21,12 +23,12 @@ def run(params: Params, tracker: Tracker) -> None:
                                          params.model.arch.text_max_len)
     spec = model_spec(params, tokenizer)
     model = build_model(spec).to(device())
-    result = train_contrastive(
+    objective = contrastive_objective(
         model, manifest, input_ids, attention_mask, cfg=params.pretrain, train_split=params.data.train_split,
-        val_split=params.data.val_split, seed=params.seed, ckpt_dir=PRETRAIN_CHECKPOINTS,
-        best_payload=lambda: {"spec": spec, "model": model, "tokenizer": tokenizer, "stage": NAME,
-                              "heads": {"segmentation": False, "no_target": False}},
-        run_fingerprint=fingerprint(spec, params.pretrain, params.seed, params.data.train_split,
+        val_split=params.data.val_split, seed=params.seed, spec=spec, tokenizer=tokenizer)
+    result = fit(
+        objective, loop_settings(params.pretrain), PRETRAIN_CHECKPOINTS,
+        run_fingerprint=fingerprint(NAME, spec, params.pretrain, params.seed, params.data.train_split,
                                     params.data.val_split, files=[MANIFEST_DIR / "samples.parquet"]),
         tracker=tracker)
     tracker.log_metrics(result.metrics())

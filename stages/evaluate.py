@@ -7,18 +7,18 @@ import pandas as pd
 from jurassiglip import atomic, checkpoint
 from jurassiglip.config import Params
 from jurassiglip.data.manifest import Manifest
+from jurassiglip.env import seed_everything
 from jurassiglip.evaluation import evaluate_split, split_metrics
 from jurassiglip.predict import Decision, Predictor
 from jurassiglip.stage import EVALUATE_DIR, FINETUNE_CHECKPOINTS, MANIFEST_DIR, entry
-from jurassiglip.train import seed_everything
-from jurassiglip.tracking import Tracker
+from jurassiglip.tracking import StageTracker
 
 NAME = "evaluate"
 
 log = logging.getLogger(__name__)
 
 
-def run(params: Params, tracker: Tracker) -> None:
+def run(params: Params, tracker: StageTracker) -> None:
     cfg = params.evaluate
     seed_everything(params.seed)
     decision = Decision.from_config(cfg)
@@ -33,7 +33,7 @@ def run(params: Params, tracker: Tracker) -> None:
             log.warning("evaluate: split %r is not in the manifest (its refs file has none); skipped", split)
             continue
         table = evaluate_split(predictor, manifest, split, resolution=cfg.resolution,
-                               images_per_batch=max(1, cfg.batch_size // 8), seed=params.seed)
+                               batch_size=cfg.batch_size, seed=params.seed)
         tracker.log_metrics({split: split_metrics(table)})
         tables.append(table)
     samples = pd.concat(tables, ignore_index=True)

@@ -7,16 +7,15 @@ import pandas as pd
 from jurassiglip import atomic, checkpoint
 from jurassiglip.config import Params
 from jurassiglip.data.manifest import Manifest
-from jurassiglip.gallery import image_panel, pick_images
+from jurassiglip.gallery import gallery_html, image_panel, pick_images
 from jurassiglip.predict import Decision, Predictor
-from jurassiglip.render import gallery_html
 from jurassiglip.stage import EVALUATE_DIR, FINETUNE_CHECKPOINTS, GALLERY_DIR, MANIFEST_DIR, entry
-from jurassiglip.tracking import Tracker
+from jurassiglip.tracking import StageTracker
 
 NAME = "render_val"
 
 
-def run(params: Params, tracker: Tracker) -> None:
+def run(params: Params, tracker: StageTracker) -> None:
     cfg = params.render
     decision = Decision.from_config(params.evaluate)
     best = FINETUNE_CHECKPOINTS / checkpoint.BEST

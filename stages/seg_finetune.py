@@ -1,19 +1,21 @@
 """seg_finetune: train cross-attention + segmentation head on the frozen, pretrained towers."""
 
 from jurassiglip import checkpoint
+from jurassiglip.codedeps import fingerprint
 from jurassiglip.config import Params
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.tokenizer import tokenize
-from jurassiglip.finetuning import train_segmentation
+from jurassiglip.env import device, seed_everything
+from jurassiglip.finetuning import segmentation_objective
 from jurassiglip.model.build import model_from_checkpoint
 from jurassiglip.stage import FEATURES_DIR, FINETUNE_CHECKPOINTS, MANIFEST_DIR, PRETRAIN_CHECKPOINTS, entry
-from jurassiglip.train import device, fingerprint, seed_everything
-from jurassiglip.tracking import Tracker
+from jurassiglip.tracking import StageTracker
+from jurassiglip.train import fit, loop_settings
 
 NAME = "seg_finetune"
 
 
-def run(params: Params, tracker: Tracker) -> None:
+def run(params: Params, tracker: StageTracker) -> None:
     seed_everything(params.seed)
     pretrained = PRETRAIN_CHECKPOINTS / checkpoint.BEST
     model, tokenizer, spec = model_from_checkpoint(pretrained)
@@ -22,13 +24,14 @@ def run(params: Params, tracker: Tracker) -> None:
     input_ids, attention_mask = tokenize(tokenizer, manifest.samples["sentence"].tolist(), spec["arch"]["text_max_len"])
     upstream = [pretrained, MANIFEST_DIR / "samples.parquet"]
     splits = (params.data.train_split, params.data.val_split)
-    result = train_segmentation(
+    objective = segmentation_objective(
         model, manifest, input_ids, attention_mask, cfg=params.finetune, train_split=splits[0],
-        val_split=splits[1], seed=params.seed, ckpt_dir=FINETUNE_CHECKPOINTS, features_dir=FEATURES_DIR,
-        cache_fingerprint=fingerprint("features", splits, files=upstream),
-        best_payload=lambda: {"spec": spec, "model": model, "tokenizer": tokenizer, "stage": NAME,
-                              "heads": {"segmentation": True, "no_target": params.finetune.no_target_weight > 0}},
-        run_fingerprint=fingerprint(params.finetune, params.seed, splits, files=upstream),
+        val_split=splits[1], seed=params.seed, features_dir=FEATURES_DIR,
+        cache_fingerprint=fingerprint(NAME, "features", splits, files=upstream),
+        spec=spec, tokenizer=tokenizer)
+    result = fit(
+        objective, loop_settings(params.finetune), FINETUNE_CHECKPOINTS,
+        run_fingerprint=fingerprint(NAME, params.finetune, params.seed, splits, files=upstream),
         tracker=tracker)
     tracker.log_metrics(result.metrics())
 

@@ -30,15 +30,16 @@ import yaml
 
 from jurassiglip import checkpoint, distributed, stage
 from jurassiglip.config import load_params
-from jurassiglip.data.datasets import CaptionDataset, EpochSampler, batch_loader
+from jurassiglip.data.datasets import CaptionDataset, EpochSampler
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.tokenizer import load_tokenizer, tokenize
 from jurassiglip.features import CacheMismatch, build_cache
-from jurassiglip.finetuning import live_loss_fn, train_head_only
+from jurassiglip.finetuning import SegmentationObjective
 from jurassiglip.model.build import build_model, model_spec
 from jurassiglip.model.model import JurasSigLIP
 from jurassiglip.pretraining import ContrastiveObjective
-from jurassiglip.train import LoopSettings, fit
+from jurassiglip.tracking import NullTracker
+from jurassiglip.train import EpochBatches, LoopSettings, fit
 
 REPO = Path(__file__).resolve().parents[1]
 # (name, stage, micro-batch per rank; 0 = the rank's whole batch)
@@ -51,7 +52,7 @@ TIMEOUT_S = 5  # launcher.timeout_s of the timeout test: above the ranks' start-
 FOREIGN_ENV = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "JURASSIGLIP_PARENT_RUN_ID", "JURASSIGLIP_PARAMS")
 
 
-class Rows:
+class Rows(NullTracker):
     """Tracker stand-in that keeps the per-epoch rows fit reports."""
 
     def __init__(self):
@@ -94,39 +95,33 @@ def distinct_image_captions(manifest: Manifest, n: int) -> np.ndarray:
 def one_step(stage: str, micro: int, data_dir: Path, params_path: Path, ckpt_dir: Path) -> dict:
     """fit() for one epoch of one global batch, on this process's share; what a rank ends up with."""
     params, manifest, ids, mask, spec = load_setup(data_dir, params_path)
+    tokenizer = load_tokenizer(data_dir / "tokenizer")
     model = perturbed_model(spec)
     rank, world = distributed.rank(), distributed.world_size()
-    train_mode = train_step = None
-    after_step = model.clamp_logit_scale_
     if stage == "contrastive":
         chosen = distinct_image_captions(manifest, 2 * CONTRASTIVE_BATCH)
         dataset = CaptionDataset(manifest, ids, mask, with_target=False)
-        trainable = model.trainable_for_pretrain()
-        objective = ContrastiveObjective(model, "clip", micro or CONTRASTIVE_BATCH // world)
-        loss_fn, train_step, global_batch = objective.loss, objective.step, CONTRASTIVE_BATCH
+        global_batch = CONTRASTIVE_BATCH
     else:
         train = manifest.samples.loc[manifest.samples["split"] == "train", "sample_id"].to_numpy()
         chosen = train[:2 * SEGMENTATION_BATCH]
         dataset = CaptionDataset(manifest, ids, mask, with_target=True)
-        trainable = model.trainable_for_finetune()
-        loss_fn = live_loss_fn(model, params.finetune, distributed.data_parallel(model, JurasSigLIP.decode))
-        train_mode, after_step, global_batch = (lambda: train_head_only(model)), (lambda: None), SEGMENTATION_BATCH
+        global_batch = SEGMENTATION_BATCH
 
-    def batches(sample_ids):  # this rank's share, as the training recipes shard
-        sampler = EpochSampler(sample_ids, None, seed=0, shuffle=False, rank=rank, world_size=world)
-        return batch_loader(dataset, batch_size=global_batch // world, sampler=sampler)
+    def sampler(sample_ids):  # this rank's share, as the training recipes shard
+        return EpochSampler(sample_ids, None, seed=0, shuffle=False, rank=rank, world_size=world)
 
-    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    batches = EpochBatches(dataset, sampler(chosen[:global_batch]), sampler(chosen[global_batch:]),
+                           batch_size=global_batch // world, num_workers=0)
+    if stage == "contrastive":
+        objective = ContrastiveObjective(model, batches, loss="clip", micro_batch=micro or CONTRASTIVE_BATCH // world,
+                                         spec=spec, tokenizer=tokenizer)
+    else:
+        objective = SegmentationObjective(model, batches, cfg=params.finetune, spec=spec, tokenizer=tokenizer)
     tracker = Rows()
-    result = fit(model=model, optimizer=optimizer, loss_fn=loss_fn, train_step=train_step,
-                 train_batches=lambda epoch: batches(chosen[:global_batch]),
-                 val_batches=lambda: batches(chosen[global_batch:]),
-                 settings=LoopSettings(epochs=1, patience=1, log_every=1, max_val_batches=0),
-                 ckpt_dir=ckpt_dir,
-                 best_payload=lambda: {"spec": spec, "model": model, "stage": "seg_finetune",
-                                       "tokenizer": load_tokenizer(data_dir / "tokenizer"),
-                                       "heads": {"segmentation": True, "no_target": True}},
-                 run_fingerprint=stage, tracker=tracker, train_mode=train_mode, after_step=after_step)
+    result = fit(objective, LoopSettings(epochs=1, patience=1, log_every=1, max_val_batches=0, lr=1e-3,
+                                         weight_decay=0.01),
+                 ckpt_dir=ckpt_dir, run_fingerprint=stage, tracker=tracker)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return {"start_val_loss": result.start_val_loss, "val_loss": result.best_val_loss, "rows": tracker.rows,
             "weights": {n: p.detach().clone() for n, p in named}, "grads": {n: p.grad.clone() for n, p in named}}
@@ -265,10 +260,13 @@ def test_gradient_cache_gives_the_whole_batch_gradient(micro_data, params_path, 
     """micro_batch 4 of a batch of 16, in train mode (DINOv3 jitters its RoPE positions), equals the whole batch."""
     _, manifest, ids, mask, spec = load_setup(micro_data, params_path)
     model = perturbed_model(spec)
-    model.trainable_for_pretrain(with_logit_bias=loss == "sigmoid")
+    dataset = CaptionDataset(manifest, ids, mask, with_target=False)
+    sampler = EpochSampler(distinct_image_captions(manifest, 16), None, seed=0, shuffle=False)
+    batches = EpochBatches(dataset, sampler, sampler, batch_size=16, num_workers=0)
+    objectives = {micro: ContrastiveObjective(model, batches, loss=loss, micro_batch=micro, spec=spec, tokenizer=None)
+                  for micro in (16, 4)}  # the plain step and the gradient cache
     model.train()
-    batch = next(iter(batch_loader(CaptionDataset(manifest, ids, mask, with_target=False), batch_size=16,
-                                 sampler=distinct_image_captions(manifest, 16))))
+    batch = next(iter(batches.train(1)))
     torch.manual_seed(1)
     jittered = model.contrastive_features(batch["image"][:2], batch["input_ids"][:2], batch["attention_mask"][:2])
     torch.manual_seed(2)
@@ -278,7 +276,7 @@ def test_gradient_cache_gives_the_whole_batch_gradient(micro_data, params_path, 
     def step(micro):
         torch.manual_seed(1)
         model.zero_grad(set_to_none=True)
-        value = ContrastiveObjective(model, loss, micro).step(batch)
+        value = objectives[micro].step(batch)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         return value, grads, torch.get_rng_state()
 

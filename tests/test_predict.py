@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -19,6 +20,8 @@ from jurassiglip.config import params_from_dict
 from jurassiglip.data.tokenizer import load_tokenizer
 from jurassiglip.model.build import build_model, model_spec
 from jurassiglip.predict import Decision, Predictor
+
+AREA = Decision(mask_threshold=0.5, no_target_rule="area", no_target_min_area=0.002, no_target_threshold=0.5)
 
 
 def write_checkpoint(path, micro_data, micro_params, stage="seg_finetune", no_target=True):
@@ -39,7 +42,7 @@ def ckpt(micro_data, micro_params, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(ckpt):
-    return Predictor.from_checkpoint(ckpt, Decision(0.5, "area", 0.002), device="cpu")
+    return Predictor.from_checkpoint(ckpt, AREA, device="cpu")
 
 
 @pytest.mark.parametrize("mode", ["1", "L", "P", "RGB", "RGBA", "CMYK", "I;16"])
@@ -72,11 +75,11 @@ def test_bad_inputs_are_refused_clearly(predictor, tmp_path):
 
 def test_missing_or_foreign_checkpoint(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="nope.safetensors: checkpoint not found"):
-        Predictor.from_checkpoint(tmp_path / "nope.safetensors", Decision(0.5, "area", 0.002))
+        Predictor.from_checkpoint(tmp_path / "nope.safetensors", AREA)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"weights": torch.zeros(3)}, foreign)
     with pytest.raises(checkpoint.CheckpointError, match="foreign.safetensors: not a jurassiglip checkpoint"):
-        Predictor.from_checkpoint(foreign, Decision(0.5, "area", 0.002))
+        Predictor.from_checkpoint(foreign, AREA)
 
 
 def test_old_full_checkpoint_says_to_retrain(tmp_path):
@@ -84,10 +87,10 @@ def test_old_full_checkpoint_says_to_retrain(tmp_path):
     old = tmp_path / "best.pt"
     torch.save({"format": 1, "spec": {}, "model": {}}, old)
     with pytest.raises(checkpoint.CheckpointError, match=r"best.pt: a torch pickle.*retrain with `dvc repro`"):
-        Predictor.from_checkpoint(old, Decision(0.5, "area", 0.002))
+        Predictor.from_checkpoint(old, AREA)
     with pytest.raises(checkpoint.CheckpointError,
                        match=r"best.safetensors: checkpoint not found \(best.pt beside it is a format-1 checkpoint"):
-        Predictor.from_checkpoint(tmp_path / checkpoint.BEST, Decision(0.5, "area", 0.002))
+        Predictor.from_checkpoint(tmp_path / checkpoint.BEST, AREA)
 
 
 @pytest.mark.parametrize("stage, no_target, rule, message", [
@@ -125,7 +128,7 @@ def test_cli_refusal_is_one_line_on_stderr_without_traceback(micro_data, micro_p
 
 def test_untrained_no_target_head_is_fine_under_the_area_rule(micro_data, micro_params, tmp_path):
     path = write_checkpoint(tmp_path / checkpoint.BEST, micro_data, micro_params, no_target=False)
-    assert Predictor.from_checkpoint(path, Decision(0.5, "area", 0.002), device="cpu").image_size == 32
+    assert Predictor.from_checkpoint(path, AREA, device="cpu").image_size == 32
 
 
 def test_cli_writes_mask_overlay_and_json_per_caption(ckpt, tmp_path):
@@ -155,13 +158,13 @@ def test_decision_rules():
     prob[0, :5, :5] = 0.9  # 25 % of the image is foreground
     prob[1, 0, 0] = 0.9   # 1 %
     nt_prob = torch.tensor([0.8, 0.2])
-    masks, by_head = Decision(0.5, "head", no_target_threshold=0.5).masks(prob, nt_prob)
+    masks, by_head = Decision(0.5, "head", no_target_min_area=0.02, no_target_threshold=0.5).masks(prob, nt_prob)
     assert by_head.tolist() == [True, False]  # the head's word, whatever the area
     assert masks.flatten(1).sum(1).tolist() == [25, 1]
-    _, by_area = Decision(0.5, "area", no_target_min_area=0.02).masks(prob, nt_prob)
+    _, by_area = Decision(0.5, "area", no_target_min_area=0.02, no_target_threshold=0.5).masks(prob, nt_prob)
     assert by_area.tolist() == [False, True]  # 1 % < 2 %
     with pytest.raises(ValueError, match="'size'"):
-        Decision(0.5, "size")
+        Decision(0.5, "size", 0.02, 0.5)
 
 
 def test_cli_rule_flags_reach_the_verdict(ckpt, tmp_path):
@@ -178,6 +181,54 @@ def test_cli_rule_flags_reach_the_verdict(ckpt, tmp_path):
     assert verdicts == {"0.001": True, "0.999": False}
 
 
-def test_decision_defaults_are_the_repository_params(params_dict):
-    """`jurassiglip predict` without flags decides as `dvc repro` evaluates."""
-    assert Decision() == Decision.from_config(params_from_dict(params_dict).evaluate)
+def test_decision_has_no_defaults_of_its_own():
+    """The numbers live in params.yaml only; `from_config` is the way to them."""
+    with pytest.raises(TypeError):
+        Decision()
+
+
+def project(root, micro_params, micro_data, **evaluate):
+    """A folder holding params.yaml (evaluate section overridden), dvc.yaml and a checkpoint two levels down."""
+    params = {**micro_params, "evaluate": {**micro_params["evaluate"], **evaluate}}
+    (root / "data" / "seg_finetune").mkdir(parents=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    return write_checkpoint(root / "data" / "seg_finetune" / checkpoint.BEST, micro_data, micro_params)
+
+
+def predict_verdict(path, image, out, *flags):
+    assert cli(["predict", "--image", str(image), "--text", "the blue square", "--checkpoint", str(path),
+                "--out", str(out), *flags]) == 0
+    (line,) = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    return line["no_target"]
+
+
+def test_cli_defaults_come_from_the_checkpoints_repository(micro_data, micro_params, tmp_path, monkeypatch):
+    """Without flags, run from anywhere, `jurassiglip predict` decides as that repository's evaluate does."""
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (24, 24), (10, 10, 200)).save(image)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # no params.yaml here
+    verdicts = {}
+    for threshold in (0.001, 0.999):  # the untrained head's probability lies between the two
+        path = project(tmp_path / str(threshold), micro_params, micro_data, no_target_rule="head",
+                       no_target_threshold=threshold)
+        verdicts[threshold] = predict_verdict(path, image, tmp_path / f"out{threshold}")
+    assert verdicts == {0.001: True, 0.999: False}
+    # a flag beats the file; ./params.yaml beats the checkpoint's repository
+    assert predict_verdict(path, image, tmp_path / "flag", "--no-target-threshold", "0.001") is True
+    (elsewhere / "params.yaml").write_text((tmp_path / "0.001" / "params.yaml").read_text())
+    assert predict_verdict(path, image, tmp_path / "cwd") is True
+
+
+def test_cli_without_params_nor_flags_asks_for_the_flags(ckpt, tmp_path, monkeypatch, caplog):
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (24, 24)).save(image)
+    monkeypatch.chdir(tmp_path)
+    code = cli(["predict", "--image", str(image), "--text", "x", "--checkpoint", str(ckpt), "--out",
+                str(tmp_path / "out"), "--mask-threshold", "0.5"])
+    (record,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert code == 2 and "\n" not in record.getMessage()
+    assert record.getMessage().endswith("give --no-target-rule --no-target-min-area --no-target-threshold")
+    assert not (tmp_path / "out").exists()

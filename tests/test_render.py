@@ -1,4 +1,4 @@
-"""Tests of jurassiglip.render: colours where expected, sizes, escaping."""
+"""Tests of jurassiglip.render (colours where expected, sizes) and of the gallery page (escaping)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 from PIL import Image, ImageFont
 
 import jurassiglip.render as render
+from jurassiglip.gallery import gallery_html
 from jurassiglip.render import (
     ERROR_LEGEND,
     FN_COLOR,
@@ -14,7 +15,6 @@ from jurassiglip.render import (
     GT_COLOR,
     TP_COLOR,
     RowSpec,
-    gallery_html,
     heatmap,
     mask_outline,
     overlay_errors,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from jurassiglip.config import params_from_dict
-from jurassiglip.tracking import Tracker, repo_root, tracking_uri
+from jurassiglip.tracking import NullTracker, StageTracker, Tracker, repo_root, tracking_uri
 
 
 @pytest.fixture
@@ -19,6 +20,27 @@ def repo(tmp_path, monkeypatch):
     for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "JURASSIGLIP_PARENT_RUN_ID"):
         monkeypatch.delenv(var, raising=False)
     return tmp_path
+
+
+def protocol_methods(protocol: type) -> dict[str, inspect.Signature]:
+    return {name: inspect.signature(value) for name, value in vars(protocol).items()
+            if inspect.isfunction(value) and not name.startswith("_")}
+
+
+def test_tracker_and_null_tracker_implement_the_stage_tracker_protocol():
+    """Both trackers have every StageTracker method with its exact signature, so they cannot drift apart;
+    the null one has nothing else and does nothing."""
+    methods = protocol_methods(StageTracker)
+    assert {"log_metrics", "log_epoch", "restore_epochs", "log_resources", "set_tags", "log_artifact",
+            "log_artifacts"} <= set(methods)
+    for cls in (Tracker, NullTracker):
+        for name, signature in methods.items():
+            assert inspect.signature(getattr(cls, name)) == signature, f"{cls.__name__}.{name}"
+    assert set(protocol_methods(NullTracker)) == set(methods)
+    null = NullTracker()
+    assert null.log_epoch("loss", 1, {"val_loss": 1.0}) is None and null.log_artifact("x") is None
+    with pytest.raises(AttributeError):
+        null.log_param  # noqa: B018  (a method Tracker does not have either)
 
 
 def test_store_at_repo_root_with_absolute_uri(repo):

@@ -15,12 +15,15 @@ from jurassiglip.data.datasets import CaptionDataset, EpochSampler, batch_loader
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.tokenizer import load_tokenizer, tokenize
 from jurassiglip.features import CachedSegDataset, build_cache
-from jurassiglip.finetuning import cached_loss_fn, live_loss_fn, train_head_only
+from jurassiglip.finetuning import SegmentationObjective, cached_loss_fn, live_loss_fn, train_head_only
 from jurassiglip.model.build import build_model, model_from_checkpoint, model_spec
-from jurassiglip.train import LoopSettings, NonFiniteLoss, fit, lr_factor
+from jurassiglip.pretraining import ContrastiveObjective, contrastive_objective
+from jurassiglip.tracking import NullTracker
+from jurassiglip.train import EpochBatches, LoopSettings, NonFiniteLoss, Objective, fit, lr_factor
+from stages import contrastive_pretrain, seg_finetune
 
 
-class NullTracker:
+class Rows(NullTracker):
     """Collects what fit reports instead of writing MLflow runs (tracking has its own tests)."""
 
     def __init__(self):
@@ -49,7 +52,7 @@ def fresh_model(spec, seed=0):
 
 
 def stage2_payload(spec, model, tokenizer):
-    """What seg_finetune hands to `checkpoint.save` (through fit's best_payload)."""
+    """What seg_finetune's objective hands to `checkpoint.save`."""
     return {"spec": spec, "model": model, "tokenizer": tokenizer, "stage": "seg_finetune",
             "heads": {"segmentation": True, "no_target": True}}
 
@@ -170,49 +173,37 @@ def test_stage2_loss_adds_the_weighted_no_target_term(setup, tmp_path):
     assert float((weighted - without).detach()) == pytest.approx(2.5 * float(bce), rel=1e-5)
 
 
-def _seg_fit(setup, model, ckpt_dir, epochs, tracker, train_batches=None, schedule="constant"):
+class DyingObjective(SegmentationObjective):
+    """Killed in the middle of epoch 2, after epoch 1's checkpoint."""
+
+    def train_batches(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return super().train_batches(epoch)
+
+
+def _seg_fit(setup, model, ckpt_dir, epochs, tracker, schedule="constant", objective_class=SegmentationObjective):
     params, manifest, tokenizer, ids, mask, spec = setup
-    dataset = CaptionDataset(manifest, ids, mask, with_target=True)
     split = manifest.samples["split"]
     train_ids = manifest.samples.loc[split == "train", "sample_id"].to_numpy()
     val_ids = manifest.samples.loc[split == "val", "sample_id"].to_numpy()
-    sampler = EpochSampler(train_ids, None, seed=3)
-
-    def batches(epoch):
-        sampler.set_epoch(epoch)
-        return batch_loader(dataset, batch_size=16, sampler=sampler)
-
-    optimizer = torch.optim.AdamW(model.trainable_for_finetune(), lr=1e-2)
-    return fit(model=model, optimizer=optimizer, loss_fn=live_loss_fn(model, params.finetune),
-               train_batches=train_batches or batches,
-               val_batches=lambda: batch_loader(dataset, batch_size=16, sampler=val_ids),
-               settings=LoopSettings(epochs=epochs, patience=5, log_every=1, max_val_batches=0,
-                                     lr_schedule=schedule),
-               ckpt_dir=ckpt_dir, best_payload=lambda: stage2_payload(spec, model, tokenizer),
-               run_fingerprint="same-run", tracker=tracker, train_mode=lambda: train_head_only(model))
+    batches = EpochBatches(CaptionDataset(manifest, ids, mask, with_target=True), EpochSampler(train_ids, None, seed=3),
+                           EpochSampler(val_ids, None, seed=3, shuffle=False), batch_size=16, num_workers=0)
+    objective = objective_class(model, batches, cfg=params.finetune, spec=spec, tokenizer=tokenizer)
+    settings = LoopSettings(epochs=epochs, patience=5, log_every=1, max_val_batches=0, lr=1e-2, weight_decay=0.01,
+                            lr_schedule=schedule)
+    return fit(objective, settings, ckpt_dir, run_fingerprint="same-run", tracker=tracker)
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_interrupted_fit_resumes_to_the_same_result(setup, tmp_path, schedule):
     whole = fresh_model(setup[5])
-    result = _seg_fit(setup, whole, tmp_path / "whole", 3, NullTracker(), schedule=schedule)
+    result = _seg_fit(setup, whole, tmp_path / "whole", 3, Rows(), schedule=schedule)
 
     interrupted = fresh_model(setup[5])
-    calls = {"n": 0}
-
-    def dying_batches(epoch):
-        calls["n"] += 1
-        if epoch == 2:
-            raise KeyboardInterrupt  # killed in the middle of epoch 2, after epoch 1's checkpoint
-        sampler = EpochSampler(setup[1].samples.loc[setup[1].samples["split"] == "train", "sample_id"].to_numpy(),
-                               None, seed=3)
-        sampler.set_epoch(epoch)
-        return batch_loader(CaptionDataset(setup[1], setup[3], setup[4], with_target=True), batch_size=16,
-                          sampler=sampler)
-
     with pytest.raises(KeyboardInterrupt):
-        _seg_fit(setup, interrupted, tmp_path / "resumed", 3, NullTracker(), dying_batches, schedule)
-    tracker = NullTracker()
+        _seg_fit(setup, interrupted, tmp_path / "resumed", 3, Rows(), schedule, DyingObjective)
+    tracker = Rows()
     restarted = fresh_model(setup[5], seed=123)  # weights come from the latest checkpoint, not from the seed
     resumed = _seg_fit(setup, restarted, tmp_path / "resumed", 3, tracker, schedule=schedule)
     assert resumed.resumed_from_epoch == 1
@@ -227,7 +218,7 @@ def test_corrupt_latest_checkpoint_starts_over_with_a_message(setup, tmp_path, c
     ckpt_dir.mkdir()
     (ckpt_dir / checkpoint.LATEST).write_bytes(b"not a checkpoint, half written")
     with caplog.at_level(logging.WARNING):
-        result = _seg_fit(setup, fresh_model(setup[5]), ckpt_dir, 1, NullTracker())
+        result = _seg_fit(setup, fresh_model(setup[5]), ckpt_dir, 1, Rows())
     assert result.resumed_from_epoch == 0 and result.epochs_run == 1
     assert "latest.safetensors: not a readable checkpoint" in caplog.text and "starting over" in caplog.text
     with pytest.raises(checkpoint.CheckpointError, match="best.safetensors"):
@@ -235,23 +226,60 @@ def test_corrupt_latest_checkpoint_starts_over_with_a_message(setup, tmp_path, c
         checkpoint.load(ckpt_dir / checkpoint.BEST)
 
 
-def test_non_finite_loss_names_step_and_samples(setup, tmp_path):
-    params, manifest, tokenizer, ids, mask, spec = setup
-    model = fresh_model(spec)
-    optimizer = torch.optim.AdamW(model.trainable_for_finetune(), lr=1e-3)
-    dataset = CaptionDataset(manifest, ids, mask, with_target=True)
-    sample_ids = manifest.samples["sample_id"].to_numpy()[:8]
+class NanObjective(Objective):
+    """A loss that turns NaN in training (e.g. a log of zero somewhere); validation (no grad) stays finite."""
 
-    def nan_loss(batch):  # e.g. a log of zero somewhere in the loss; validation (no grad) stays finite
+    def __init__(self, model, batches):
+        self.model, self.batches = model, batches
+        self._trainable = model.trainable_for_finetune()
+
+    def trainable(self):
+        return self._trainable
+
+    def train_batches(self, epoch):
+        return self.batches.train(epoch)
+
+    def val_batches(self):
+        return self.batches.val()
+
+    def loss(self, batch):
         return torch.tensor(float("nan") if torch.is_grad_enabled() else 1.0)
 
+    def checkpoint_payload(self):
+        raise AssertionError("no checkpoint after a non-finite loss")
+
+
+def test_non_finite_loss_names_step_and_samples(setup, tmp_path):
+    params, manifest, tokenizer, ids, mask, spec = setup
+    sampler = EpochSampler(manifest.samples["sample_id"].to_numpy()[:8], None, seed=0, shuffle=False)
+    batches = EpochBatches(CaptionDataset(manifest, ids, mask, with_target=True), sampler, sampler, batch_size=4,
+                           num_workers=0)
+    settings = LoopSettings(epochs=1, patience=1, log_every=1, max_val_batches=0, lr=1e-3, weight_decay=0.01)
     with pytest.raises(NonFiniteLoss, match=r"epoch 1 step 1.*sample ids \[0, 1, 2, 3\]"):
-        fit(model=model, optimizer=optimizer, loss_fn=nan_loss,
-            train_batches=lambda e: batch_loader(dataset, batch_size=4, sampler=sample_ids),
-            val_batches=lambda: batch_loader(dataset, batch_size=4, sampler=sample_ids),
-            settings=LoopSettings(1, 1, 1, 0), ckpt_dir=tmp_path, best_payload=dict, run_fingerprint="f",
-            tracker=NullTracker())
+        fit(NanObjective(fresh_model(spec), batches), settings, tmp_path, run_fingerprint="f", tracker=Rows())
     assert not (tmp_path / checkpoint.BEST).exists()
+
+
+def test_contrastive_objective_checkpoints_stage_1_and_logs_the_logit_scale(setup, tmp_path):
+    """What stage 1 hands the loop: its checkpoint (stage, heads) and the logit scale on the curve."""
+    params, manifest, tokenizer, ids, mask, spec = setup
+    model = fresh_model(spec)
+    objective = contrastive_objective(model, manifest, ids, mask, cfg=params.pretrain, train_split="train",
+                                      val_split="val", seed=0, spec=spec, tokenizer=tokenizer)
+    tracker = Rows()
+    settings = LoopSettings(epochs=1, patience=1, log_every=1, max_val_batches=1, lr=1e-3, weight_decay=0.0)
+    fit(objective, settings, tmp_path, run_fingerprint="f", tracker=tracker)
+    [(epoch, row)] = tracker.rows
+    assert epoch == 1 and row["logit_scale"] == pytest.approx(float(model.logit_scale.detach().exp()))
+    best = checkpoint.load(tmp_path / checkpoint.BEST)
+    assert best["stage"] == contrastive_pretrain.NAME
+    assert best["heads"] == {"segmentation": False, "no_target": False}
+    assert {p for p in model.parameters() if p.requires_grad} == set(objective.trainable())
+
+
+def test_objectives_write_their_stage_name():
+    assert ContrastiveObjective.STAGE == contrastive_pretrain.NAME and SegmentationObjective.STAGE == seg_finetune.NAME
+    assert (ContrastiveObjective.STAGE, SegmentationObjective.STAGE) == checkpoint.STAGES
 
 
 def test_checkpoint_rebuilds_the_model_without_params(setup, tmp_path):

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from jurassiglip import atomic
 from jurassiglip.data import masks
+from jurassiglip.data.images import to_rgb
 from jurassiglip.data.refs import DataError, ImageInfo, RefDataset, Sample
 
 log = logging.getLogger(__name__)
@@ -89,11 +90,6 @@ IMAGE_COLUMNS: dict[str, tuple[str, str]] = {
     "objects_rle": ("str", "str"),
 }
 
-# Pillow opens 16-bit greyscale PNG/TIFF as one of these. Its own
-# convert("RGB") clips values above 255 instead of rescaling, which would turn
-# most of a 16-bit image white. "I" (32-bit) is assumed to hold 16-bit data,
-# as it does when it comes from a 16-bit PNG.
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 MAX_BAD_IMAGES_LISTED = 100  # summary.json lists at most this many bad files by name
 # Tasks per hand-out to a worker: big enough that pickling and queueing stay
 # small next to the work (an image is ~5 ms at COCO sizes, a mask ~2-3 ms),
@@ -107,31 +103,6 @@ class _BadImage(Exception):
 
 
 # ---------------------------------------------------------------- images
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB.
-
-    1, L, P, RGBA, LA, CMYK, YCbCr... go through Pillow (alpha is dropped, not
-    composited). 16-bit modes are rescaled 0..65535 -> 0..255 with rounding;
-    float "F" images are clipped to 0..255.
-
-    Args:
-        image: a loaded PIL image of any mode.
-
-    Returns:
-        RGB PIL image of the same size.
-    """
-    if image.mode == "RGB":
-        return image
-    if image.mode in SIXTEEN_BIT_MODES:
-        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
-        eight = ((values * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
-        return Image.fromarray(eight).convert("RGB")
-    if image.mode == "F":
-        values = np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8)
-        return Image.fromarray(values).convert("RGB")
-    return image.convert("RGB")
 
 
 def load_image(path: Path, info: ImageInfo, size: int) -> tuple[np.ndarray, str]:

@@ -6,8 +6,9 @@ checkpoint is on disk) it stops reading, and the stage blocks on its next
 log lines long before it could finish (the rest of the run logs ~10 KiB).
 That makes "killed inside a later epoch" a certainty rather than a race
 (fixture `killed` in conftest.py, helper `kill_when` in stagerun.py). The
-resume fingerprint covers the package's code, so editing jurassiglip/ while
-these tests run makes the restart start over and the resume tests fail.
+resume fingerprint covers the stage's code (jurassiglip/codedeps.py), so editing a
+module the stage imports while these tests run makes the restart start over and the
+resume tests fail.
 
 Corrupt checkpoints: a truncated latest or best checkpoint makes the resume start
 over, with a log line naming the file, and still end at the uninterrupted

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from jurassiglip.cli import main as cli
+from jurassiglip.config import load_params
 from jurassiglip.predict import Decision, Predictor
 
 NON_ASCII = ["der rote Kreis oben", "红色的圆", "l'étoile jaune à gauche 🦕"]
@@ -32,8 +33,9 @@ def best(reference_run) -> Path:
 
 
 @pytest.fixture(scope="module")
-def predictor(best) -> Predictor:
-    return Predictor.from_checkpoint(best, Decision(), device="cpu")  # the CLI's defaults = params.yaml's
+def predictor(reference_run, best) -> Predictor:
+    params = load_params(reference_run.root / "params.yaml")  # what the CLI takes when no flag is given
+    return Predictor.from_checkpoint(best, Decision.from_config(params.evaluate), device="cpu")
 
 
 def scene(width: int, height: int) -> np.ndarray:

@@ -28,6 +28,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from jurassiglip.codedeps import stage_code_deps
 from jurassiglip.config import flatten, resolve_choices
 from jurassiglip.stage import STAGES
 
@@ -140,6 +141,27 @@ def test_repro_again_does_nothing_and_metrics_show_every_stage(project):
     shown = project.dvc("metrics", "show", "--json").stdout
     for stage in STAGES:
         assert f"data/{stage}/metrics.json" in shown
+
+
+def test_editing_any_module_a_stage_imports_makes_dvc_status_report_it(project):
+    """For each stage, one module of its code that no upstream stage imports (where there is one) is edited:
+    `dvc status` reports it as a changed dep of exactly the stages that import it."""
+    code = {stage: set(stage_code_deps(stage, project.root)) for stage in STAGES}
+    for index, stage in enumerate(STAGES):
+        upstream = set().union(*(code[s] for s in STAGES[:index]))
+        modules = sorted(p for p in code[stage] if p.startswith("jurassiglip/"))
+        own = [p for p in modules if p not in upstream] or modules
+        edited = min(own, key=lambda p: (sum(p in code[s] for s in STAGES), p))  # the most specific
+        path = project.root / edited
+        path.write_text(path.read_text() + "# edited by test_dvc\n")
+        try:
+            status = json.loads(project.dvc("status", "--json").stdout)
+        finally:
+            project.reset()
+        reported = {name for name, changes in status.items()
+                    if any(edited in (c.get("changed deps") or {}) for c in changes if isinstance(c, dict))}
+        assert stage in reported, (edited, status)
+        assert reported == {s for s in STAGES if edited in code[s]}, (edited, status)
 
 
 def test_every_stage_run_has_params_tags_curves_metrics_and_artifacts(project):
