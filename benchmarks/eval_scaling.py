@@ -1,6 +1,6 @@
 """R4: evaluation throughput, and how its cost grows from 100 to 10,000 samples.
 
-Times what the evaluate stage does for one split: jurassiglip.evaluation's
+Times what the evaluate stage does for one split: jurassiglip.inference.evaluate's
 evaluate_split (model, shuffled-text baseline and text-blind union, scored at
 params.evaluate.resolution) followed by split_metrics, on the first n
 manifest samples relabelled as one split, with a tiny model (LoRA merged,
@@ -19,9 +19,9 @@ import numpy as np
 from benchmarks.harness import Options, interleaved, section, table, verdict
 from benchmarks.setups import tiny
 from jurassiglip.data.manifest import Manifest
-from jurassiglip.evaluation import evaluate_split, split_metrics
+from jurassiglip.inference.evaluate import evaluate_split, split_metrics
 from jurassiglip.model.build import model_spec
-from jurassiglip.predict import Decision, Predictor
+from jurassiglip.inference.predictor import Decision, Predictor
 
 NAME = "R4"
 GOAL = 1.1  # fitted exponent, at most

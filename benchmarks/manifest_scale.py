@@ -18,7 +18,7 @@ Then, for full gRefCOCO (19,994 images, 278,232 captions):
   not scale at all;
 - disk: the manifest's files per image / per caption as measured, and the
   stage-2 feature cache at real dims computed from its layout
-  (jurassiglip/features.py): fp16 patches 1024 x 384 per image, fp16 text
+  (jurassiglip/training/features.py): fp16 patches 1024 x 384 per image, fp16 text
   tokens L x 384 and a bool mask L per caption, L = the positions stored.
 
 Goals (issue 12): full build < 10 min on 16 cores; manifest + feature cache

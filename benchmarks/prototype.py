@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from jurassiglip.config import FinetuneConfig
 from jurassiglip.data.manifest import Manifest
-from jurassiglip.losses import dice_loss, focal_loss, no_target_loss
+from jurassiglip.training.losses import dice_loss, focal_loss, no_target_loss
 from jurassiglip.model.model import JurasSigLIP
 
 NO_TARGET = -1  # gRefCOCO's ann_id for "refers to nothing"

@@ -44,7 +44,7 @@ from jurassiglip.data.manifest import Manifest, build_manifest
 from jurassiglip.data.refs import read_refs
 from jurassiglip.data.synthetic import generate
 from jurassiglip.data.tokenizer import tokenize
-from jurassiglip.features import CachedSegDataset, build_cache
+from jurassiglip.training.features import CachedSegDataset, build_cache
 
 NAME = "R2"
 GOAL = 30.0

@@ -12,7 +12,7 @@
   its 256k rows cost memory, not time.
 - `Stage2Step`: one stage-2 training step on a fixed batch, from the fp16
   features (as the cache stores them) or with the frozen towers run live,
-  through the loss functions of `jurassiglip.finetuning`.
+  through the loss functions of `jurassiglip.training.seg_finetune`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from jurassiglip.data.manifest import Manifest, build_manifest
 from jurassiglip.data.refs import read_refs
 from jurassiglip.data.source import SourceFiles, resolve_source
 from jurassiglip.data.tokenizer import build_word_tokenizer, caption_tokenizer, tokenize
-from jurassiglip.finetuning import cached_loss_fn, live_loss_fn, train_head_only
-from jurassiglip.losses import no_target_loss, segmentation_loss
+from jurassiglip.training.seg_finetune import cached_loss_fn, live_loss_fn, train_head_only
+from jurassiglip.training.losses import no_target_loss, segmentation_loss
 from jurassiglip.model.build import build_model, model_spec
 from jurassiglip.model.lora import add_lora
 from jurassiglip.model.model import JurasSigLIP
@@ -194,7 +194,7 @@ class Stage2Step:
 
     `cached()` starts from fp16 patch and text tokens, exactly what the
     feature cache holds; `live()` runs the frozen towers (no grad) first.
-    Both go through jurassiglip.finetuning's loss functions.
+    Both go through jurassiglip.training.seg_finetune's loss functions.
     """
 
     def __init__(self, model: JurasSigLIP, cfg: FinetuneConfig, batch: dict[str, torch.Tensor]):
@@ -225,7 +225,7 @@ class Stage2Step:
 
     def cached_with_loss(self, seg_loss) -> Callable[[], None]:
         """A cached step whose mask loss is `seg_loss(logits, target)` (e.g. compiled); the rest as
-        jurassiglip.finetuning.stage2_loss computes it."""
+        jurassiglip.training.seg_finetune.stage2_loss computes it."""
         batch, cfg = self.cached_batch, self.cfg
 
         def step() -> None:

@@ -5,10 +5,10 @@
   fusion + heads train with F.interpolate and the two autograd losses
   (benchmarks/prototype.py);
 - prototype-style, our step: the same decoding and live towers, but
-  jurassiglip.finetuning's live loss (matmul upsampling, one-pass loss):
+  jurassiglip.training.seg_finetune's live loss (matmul upsampling, one-pass loss):
   what the feature cache and the manifest alone are worth;
 - ours: CachedSegDataset over the manifest and the fp16 feature cache, only
-  fusion + head run (jurassiglip.finetuning's cached loss).
+  fusion + head run (jurassiglip.training.seg_finetune's cached loss).
 
 Same model, optimizer, batch size, DataLoader workers (params.finetune) and
 the first batches of the same shuffled epoch (EpochSampler, epoch 0). A
@@ -34,8 +34,8 @@ from benchmarks.harness import Options, interleaved, section, table, verdict
 from benchmarks.prototype import PrototypeCaptionDataset, PrototypeLoader, prototype_loss_fn
 from benchmarks.setups import tiny
 from jurassiglip.data.datasets import EpochSampler, batch_loader
-from jurassiglip.features import CachedSegDataset, build_cache
-from jurassiglip.finetuning import cached_loss_fn, live_loss_fn, train_head_only
+from jurassiglip.training.features import CachedSegDataset, build_cache
+from jurassiglip.training.seg_finetune import cached_loss_fn, live_loss_fn, train_head_only
 
 NAME = "R3"
 GOAL = 5.0

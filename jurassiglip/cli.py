@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from jurassiglip import atomic
-from jurassiglip.checkpoint import BEST
+from jurassiglip.runtime import atomic
+from jurassiglip.model.checkpoint import BEST
 from jurassiglip.config import PARAMS_FILE, load_params
-from jurassiglip.stage import FINETUNE_CHECKPOINTS, setup_logging
+from jurassiglip.runtime.entry import setup_logging
+from jurassiglip.runtime.paths import FINETUNE_CHECKPOINTS
 
 if TYPE_CHECKING:
-    from jurassiglip.predict import Decision
+    from jurassiglip.inference.predictor import Decision
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from jurassiglip.data.images import read_image
-    from jurassiglip.predict import Predictor
-    from jurassiglip.render import overlay_mask
+    from jurassiglip.inference.predictor import Predictor
+    from jurassiglip.inference.render import overlay_mask
 
     decision = _decision(args)
     predictor = Predictor.from_checkpoint(args.checkpoint, decision, device=args.device)
@@ -98,7 +99,7 @@ DECISION_FLAGS = ("mask_threshold", "no_target_rule", "no_target_min_area", "no_
 
 def _decision(args: argparse.Namespace) -> Decision:
     """The decision flags given, the others from params.yaml's evaluate section (see the module docstring)."""
-    from jurassiglip.predict import Decision
+    from jurassiglip.inference.predictor import Decision
 
     values = {name: getattr(args, name) for name in DECISION_FLAGS}
     missing = [name for name, value in values.items() if value is None]

@@ -13,6 +13,9 @@ params.yaml as a mapping keyed by every option of that choice, e.g.
 `lr: {tiny: 3.0e-3, real: 1.0e-4}`; `resolve_choices` picks the active value
 before anything else reads the tree, so code, MLflow and `dvc exp show` see
 one number. A plain value (`-S pretrain.lr=1e-3`) applies to every option.
+
+Why one long module: it is the only reader of params.yaml, one dataclass per section with its
+checks; keeping them together keeps the mirror of params.yaml in one place.
 """
 
 from __future__ import annotations
@@ -353,10 +356,15 @@ class Params:
             for split in self.data.splits:
                 _require(split in self.synthetic.n_images, "data.splits", split,
                          f"has no size in synthetic.n_images {sorted(self.synthetic.n_images)}")
+
+    def check_paths(self, root: Path) -> None:
+        """The input files params name exist; relative paths are relative to `root`, the repository
+        (where params.yaml lives and DVC runs the stages)."""
         if self.data.source == "grefcoco":
             for name in ("grefs_path", "instances_path", "images_dir"):
                 path = Path(getattr(self.data, name))
-                _require(path.exists(), f"data.{name}", str(path), "does not exist (data.source is grefcoco)")
+                _require((root / path).exists(), f"data.{name}", str(path),
+                         "does not exist (data.source is grefcoco)")
 
     def check_world_size(self, world_size: int) -> None:
         """The global batches must split evenly over the ranks torchrun started (1 without torchrun)."""
@@ -377,15 +385,16 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     try:
-        return params_from_dict(raw)
+        return params_from_dict(raw, root=path.parent)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 
 
-def params_from_dict(raw: Any) -> Params:
-    """Build and validate Params from a plain dict (as parsed from YAML)."""
+def params_from_dict(raw: Any, root: Path = Path(".")) -> Params:
+    """Build and validate Params from a plain dict (as parsed from YAML); relative input paths from `root`."""
     params = _build(Params, resolve_choices(raw), "")
     params.validate()
+    params.check_paths(root)
     return params
 
 

@@ -9,8 +9,9 @@ from jurassiglip.data.manifest import build_manifest
 from jurassiglip.data.refs import read_refs
 from jurassiglip.data.source import resolve_source
 from jurassiglip.data.tokenizer import build_word_tokenizer
-from jurassiglip.stage import entry, stage_dir
-from jurassiglip.tracking import StageTracker
+from jurassiglip.runtime.entry import entry
+from jurassiglip.runtime.paths import stage_dir
+from jurassiglip.runtime.tracking import StageTracker
 
 NAME = "build_manifest"
 

@@ -1,15 +1,16 @@
 """contrastive_pretrain: align image CLS and caption features (LoRA + text projection + logit scale)."""
 
-from jurassiglip.codedeps import fingerprint
+from jurassiglip.runtime.codedeps import fingerprint
 from jurassiglip.config import Params
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.tokenizer import caption_tokenizer, tokenize
-from jurassiglip.env import device, seed_everything
+from jurassiglip.runtime.env import device, seed_everything
 from jurassiglip.model.build import build_model, hub_offline_unless_pretrained, model_spec
-from jurassiglip.pretraining import contrastive_objective
-from jurassiglip.stage import MANIFEST_DIR, PRETRAIN_CHECKPOINTS, TOKENIZER_DIR, entry
-from jurassiglip.tracking import StageTracker
-from jurassiglip.train import fit, loop_settings
+from jurassiglip.training.contrastive_pretrain import contrastive_objective
+from jurassiglip.runtime.entry import entry
+from jurassiglip.runtime.paths import MANIFEST_DIR, PRETRAIN_CHECKPOINTS, TOKENIZER_DIR
+from jurassiglip.runtime.tracking import StageTracker
+from jurassiglip.training.loop import fit, loop_settings
 
 NAME = "contrastive_pretrain"
 

@@ -4,14 +4,17 @@ import logging
 
 import pandas as pd
 
-from jurassiglip import atomic, checkpoint
+from jurassiglip.runtime import atomic
+
+from jurassiglip.model import checkpoint
 from jurassiglip.config import Params
 from jurassiglip.data.manifest import Manifest
-from jurassiglip.env import seed_everything
-from jurassiglip.evaluation import evaluate_split, split_metrics
-from jurassiglip.predict import Decision, Predictor
-from jurassiglip.stage import EVALUATE_DIR, FINETUNE_CHECKPOINTS, MANIFEST_DIR, entry
-from jurassiglip.tracking import StageTracker
+from jurassiglip.runtime.env import seed_everything
+from jurassiglip.inference.evaluate import evaluate_split, split_metrics
+from jurassiglip.inference.predictor import Decision, Predictor
+from jurassiglip.runtime.entry import entry
+from jurassiglip.runtime.paths import EVALUATE_DIR, FINETUNE_CHECKPOINTS, MANIFEST_DIR
+from jurassiglip.runtime.tracking import StageTracker
 
 NAME = "evaluate"
 

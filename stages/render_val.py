@@ -4,13 +4,16 @@ import json
 
 import pandas as pd
 
-from jurassiglip import atomic, checkpoint
+from jurassiglip.runtime import atomic
+
+from jurassiglip.model import checkpoint
 from jurassiglip.config import Params
 from jurassiglip.data.manifest import Manifest
-from jurassiglip.gallery import gallery_html, image_panel, pick_images
-from jurassiglip.predict import Decision, Predictor
-from jurassiglip.stage import EVALUATE_DIR, FINETUNE_CHECKPOINTS, GALLERY_DIR, MANIFEST_DIR, entry
-from jurassiglip.tracking import StageTracker
+from jurassiglip.inference.gallery import gallery_html, image_panel, pick_images
+from jurassiglip.inference.predictor import Decision, Predictor
+from jurassiglip.runtime.entry import entry
+from jurassiglip.runtime.paths import EVALUATE_DIR, FINETUNE_CHECKPOINTS, GALLERY_DIR, MANIFEST_DIR
+from jurassiglip.runtime.tracking import StageTracker
 
 NAME = "render_val"
 

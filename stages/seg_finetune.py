@@ -1,16 +1,17 @@
 """seg_finetune: train cross-attention + segmentation head on the frozen, pretrained towers."""
 
-from jurassiglip import checkpoint
-from jurassiglip.codedeps import fingerprint
+from jurassiglip.model import checkpoint
+from jurassiglip.runtime.codedeps import fingerprint
 from jurassiglip.config import Params
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.tokenizer import tokenize
-from jurassiglip.env import device, seed_everything
-from jurassiglip.finetuning import segmentation_objective
+from jurassiglip.runtime.env import device, seed_everything
+from jurassiglip.training.seg_finetune import segmentation_objective
 from jurassiglip.model.build import model_from_checkpoint
-from jurassiglip.stage import FEATURES_DIR, FINETUNE_CHECKPOINTS, MANIFEST_DIR, PRETRAIN_CHECKPOINTS, entry
-from jurassiglip.tracking import StageTracker
-from jurassiglip.train import fit, loop_settings
+from jurassiglip.runtime.entry import entry
+from jurassiglip.runtime.paths import FEATURES_DIR, FINETUNE_CHECKPOINTS, MANIFEST_DIR, PRETRAIN_CHECKPOINTS
+from jurassiglip.runtime.tracking import StageTracker
+from jurassiglip.training.loop import fit, loop_settings
 
 NAME = "seg_finetune"
 

@@ -21,7 +21,7 @@ from pycocotools import mask as coco_mask
 from jurassiglip.data import masks
 from jurassiglip.data.refs import read_refs
 from jurassiglip.data.synthetic import COLOURS, SHAPES, generate
-from jurassiglip.metrics import DEFAULT_THRESHOLDS, batch_intersection_union, sample_iou, summarize
+from jurassiglip.inference.metrics import DEFAULT_THRESHOLDS, batch_intersection_union, sample_iou, summarize
 
 RATIOS = ["cIoU", "gIoU", *(f"Pr_{x:g}" for x in DEFAULT_THRESHOLDS), "N_acc", "T_acc"]
 

@@ -23,6 +23,10 @@ and arrays still agree, so a hand-edited file or a stale image store fails
 loudly at load time rather than as a shape error mid-training.
 
 Column names and file names are a contract with datasets, metrics and stages.
+
+Why one long module: the manifest's format (file names, column schemas) has one owner, so the
+writer and the reader that must agree on it live together. Splitting the writer (decoding in worker
+processes) from the reader is the next step when either grows.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from numpy.lib.format import open_memmap
 from PIL import Image
 from tqdm import tqdm
 
-from jurassiglip import atomic
+from jurassiglip.runtime import atomic
 from jurassiglip.data import masks
 from jurassiglip.data.images import to_rgb
 from jurassiglip.data.refs import DataError, ImageInfo, RefDataset, Sample

@@ -15,6 +15,9 @@ loader (SPEC §4):
 
 Anything structurally wrong raises `DataError` naming the file and the ref_id
 or key, before any image is read. Only I/O here is reading the two JSON files.
+
+Why one long module: it mirrors the official gRefCOCO loader's rules in one place (ref validation,
+target resolution, split selection, annotation conversion), each failure naming the file and ref.
 """
 
 from __future__ import annotations

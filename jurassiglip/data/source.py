@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from jurassiglip import atomic
+from jurassiglip.runtime import atomic
 from jurassiglip.config import Params
 
 log = logging.getLogger(__name__)

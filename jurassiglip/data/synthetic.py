@@ -11,6 +11,9 @@ generalisation to novel attribute combinations can be measured.
 
 Every shape is a polygon rasterised by pycocotools itself, so a polygon stored in
 `instances.json` decodes to exactly the mask that was painted and counted.
+
+Why one long module: the generator is one deterministic program (draw shapes, phrase refs, write
+the gRefCOCO files); splitting it would scatter the RNG order that makes it byte-reproducible.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from jurassiglip import atomic
+from jurassiglip.runtime import atomic
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from jurassiglip import checkpoint
+from jurassiglip.model import checkpoint
 from jurassiglip.config import Params
 from jurassiglip.data.tokenizer import load_tokenizer
 from jurassiglip.model.fusion import CrossAttention

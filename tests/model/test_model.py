@@ -7,7 +7,7 @@ import torch
 
 from peft.tuners.lora import LoraLayer
 
-from jurassiglip.losses import clip_loss, sigmoid_loss
+from jurassiglip.training.losses import clip_loss, sigmoid_loss
 from jurassiglip.model import (
     CrossAttention,
     JurasSigLIP,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from stagerun import kill_when, make_project, offline_env, project_like, run_stage
 
-from jurassiglip.stage import STAGES
+from jurassiglip.runtime.paths import STAGES
 
 
 @dataclass(frozen=True)

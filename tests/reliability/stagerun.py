@@ -26,7 +26,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from jurassiglip import checkpoint
+from jurassiglip.model import checkpoint
 
 PYTHON = sys.executable
 # Variables of the caller's shell that would send a test project's runs elsewhere.

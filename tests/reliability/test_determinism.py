@@ -15,7 +15,7 @@ import pytest
 import yaml
 from stagerun import make_project, metrics, project_like, run_in_process
 
-from jurassiglip.stage import STAGES
+from jurassiglip.runtime.paths import STAGES
 
 TRAINING = ("contrastive_pretrain", "seg_finetune")
 

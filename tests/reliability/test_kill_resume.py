@@ -6,7 +6,7 @@ checkpoint is on disk) it stops reading, and the stage blocks on its next
 log lines long before it could finish (the rest of the run logs ~10 KiB).
 That makes "killed inside a later epoch" a certainty rather than a race
 (fixture `killed` in conftest.py, helper `kill_when` in stagerun.py). The
-resume fingerprint covers the stage's code (jurassiglip/codedeps.py), so editing a
+resume fingerprint covers the stage's code (jurassiglip/runtime/codedeps.py), so editing a
 module the stage imports while these tests run makes the restart start over and the
 resume tests fail.
 
@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from stagerun import (PYTHON, assert_same_weights, clone_project, kill_when, metrics, project_like, run_in_process,
                       stage_env, stage_runs)
 
-from jurassiglip import checkpoint
+from jurassiglip.model import checkpoint
 
 CKPT = "data/seg_finetune/checkpoints"
 

@@ -22,9 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from stagerun import clone_project, project_like, run_in_process, stage_runs
 
-from jurassiglip import checkpoint
-from jurassiglip.features import NonFiniteFeatures
-from jurassiglip.train import NonFiniteLoss
+from jurassiglip.model import checkpoint
+from jurassiglip.training.features import NonFiniteFeatures
+from jurassiglip.training.loop import NonFiniteLoss
 
 CKPT = "data/seg_finetune/checkpoints"
 FEATURES = "data/seg_finetune/features"

@@ -27,8 +27,8 @@ from mlflow.tracking import MlflowClient
 from stagerun import make_project, metrics, run_in_process
 
 from jurassiglip.config import flatten
-from jurassiglip.stage import STAGES
-from jurassiglip.tracking import STORE_LOCK_WAIT, TrackingError, check_store
+from jurassiglip.runtime.paths import STAGES
+from jurassiglip.runtime.tracking import STORE_LOCK_WAIT, TrackingError, check_store
 
 
 def closed_port() -> int:

@@ -28,9 +28,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from jurassiglip.codedeps import stage_code_deps
+from jurassiglip.runtime.codedeps import stage_code_deps
 from jurassiglip.config import flatten, resolve_choices
-from jurassiglip.stage import STAGES
+from jurassiglip.runtime.paths import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 METRIC_KEYS = ["cIoU", "gIoU", "Pr_0.5", "Pr_0.7", "Pr_0.9", "N_acc", "T_acc"]

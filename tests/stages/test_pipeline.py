@@ -10,8 +10,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from jurassiglip.stage import STAGES
-from jurassiglip.tracking import tracking_uri
+from jurassiglip.runtime.paths import STAGES
+from jurassiglip.runtime.tracking import tracking_uri
 
 METRIC_KEYS = ["cIoU", "gIoU", "Pr_0.5", "Pr_0.6", "Pr_0.7", "Pr_0.8", "Pr_0.9", "N_acc", "T_acc"]
 

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from safetensors import safe_open
 
-from jurassiglip.stage import STAGES
+from jurassiglip.runtime.paths import STAGES
 from real_format import first_release, save_dinov3, save_siglip2, write_grefcoco
 
 REPO = Path(__file__).resolve().parents[2]

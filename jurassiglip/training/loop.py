@@ -1,7 +1,7 @@
 """The fit loop shared by both training stages, and the `Objective` it trains.
 
-A stage's recipe hands `fit` an objective (stage 1's in pretraining.py,
-stage 2's in finetuning.py): the model and its trainable parameters, the
+A stage's recipe hands `fit` an objective (stage 1's in contrastive_pretrain.py,
+stage 2's in seg_finetune.py): the model and its trainable parameters, the
 batches, the loss of a batch, the training step, and what the checkpoint
 holds. The loop knows nothing else of either stage. It owns the epochs,
 validation, early stopping on validation loss, AdamW and its learning-rate
@@ -13,6 +13,8 @@ non-finite loss.
 Under torchrun (see distributed.py) every rank runs this loop on its shard:
 the losses it reports are averaged over ranks, so every rank takes the same
 early-stopping decision, and only rank 0 writes checkpoints, curves and logs.
+
+Why one long module: the loop and the Objective protocol it drives are read together.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from jurassiglip import checkpoint, distributed
-from jurassiglip.checkpoint import TrainState
+from jurassiglip.model import checkpoint
+
+from jurassiglip.runtime import distributed
+from jurassiglip.model.checkpoint import TrainState
 from jurassiglip.config import FinetuneConfig, PretrainConfig
 from jurassiglip.data.datasets import EpochSampler, batch_loader
-from jurassiglip.env import autocast
-from jurassiglip.tracking import StageTracker
+from jurassiglip.runtime.env import autocast
+from jurassiglip.runtime.tracking import StageTracker
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +88,8 @@ class FitResult:
 class Objective(Protocol):
     """What a training recipe hands to `fit`: the model, its batches, its loss and step, its checkpoint.
 
-    Stage 1's is `pretraining.ContrastiveObjective`, stage 2's
-    `finetuning.SegmentationObjective`. They subclass this protocol to inherit
+    Stage 1's is `contrastive_pretrain.ContrastiveObjective`, stage 2's
+    `seg_finetune.SegmentationObjective`. They subclass this protocol to inherit
     the defaults of `step`, `train_mode`, `after_step` and `epoch_extras`;
     the abstract members have none.
     """

@@ -6,7 +6,7 @@ the logit scale. Only captions that name something in their image are used
 one caption per image, so no batch treats two captions of one image as
 negatives of each other; the loss also counts same-image pairs as positives
 should a sampler ever put two in one batch. `contrastive_objective` builds
-all of that into the `ContrastiveObjective` that `train.fit` trains.
+all of that into the `ContrastiveObjective` that `loop.fit` trains.
 
 Under torchrun every rank embeds its share of the global batch and the loss
 is computed over the features of all ranks (gathered with their gradients),
@@ -32,14 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from jurassiglip import distributed
+from jurassiglip.runtime import distributed
 from jurassiglip.config import PretrainConfig
 from jurassiglip.data.datasets import CaptionDataset, EpochSampler
 from jurassiglip.data.manifest import Manifest
-from jurassiglip.env import autocast
-from jurassiglip.losses import clip_loss, sigmoid_loss
+from jurassiglip.runtime.env import autocast
+from jurassiglip.training.losses import clip_loss, sigmoid_loss
 from jurassiglip.model.model import JurasSigLIP
-from jurassiglip.train import Batch, EpochBatches, Objective, backward_step
+from jurassiglip.training.loop import Batch, EpochBatches, Objective, backward_step
 
 
 def contrastive_samples(manifest: Manifest, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +60,7 @@ def contrastive_outputs(model: JurasSigLIP, images: torch.Tensor, input_ids: tor
 
 
 class ContrastiveObjective(Objective):
-    """Stage 1 for `train.fit`: the contrastive loss of caption batches and its (gradient-cache) step.
+    """Stage 1 for `loop.fit`: the contrastive loss of caption batches and its (gradient-cache) step.
 
     Args:
         model: the model; its stage-1 parameters are made trainable here, before DDP wraps it.

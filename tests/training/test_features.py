@@ -18,8 +18,8 @@ from jurassiglip.config import params_from_dict
 from jurassiglip.data.datasets import CaptionDataset, batch_loader
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.tokenizer import load_tokenizer, tokenize
-from jurassiglip.features import CachedSegDataset, build_cache, text_length
-from jurassiglip.finetuning import cached_loss_fn, live_loss_fn, train_head_only
+from jurassiglip.training.features import CachedSegDataset, build_cache, text_length
+from jurassiglip.training.seg_finetune import cached_loss_fn, live_loss_fn, train_head_only
 from jurassiglip.model.build import build_model, model_spec
 
 

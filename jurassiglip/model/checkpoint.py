@@ -30,6 +30,8 @@ Identical runs write identical bytes (sorted JSON, no timestamps), so DVC
 does not see a new checkpoint on every run. Format 1 (torch pickles named
 best.pt / latest.pt, frozen towers included) is refused with a message that
 says to retrain.
+
+Why one long module: it is the one owner of the checkpoint format, writing and reading it.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from jurassiglip import atomic
+from jurassiglip.runtime import atomic
 
 log = logging.getLogger(__name__)
 

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from jurassiglip import checkpoint
+from jurassiglip.model import checkpoint
 from jurassiglip.config import params_from_dict
 from jurassiglip.data.datasets import CaptionDataset, EpochSampler, batch_loader
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.tokenizer import load_tokenizer, tokenize
-from jurassiglip.features import CachedSegDataset, build_cache
-from jurassiglip.finetuning import SegmentationObjective, cached_loss_fn, live_loss_fn, train_head_only
+from jurassiglip.training.features import CachedSegDataset, build_cache
+from jurassiglip.training.seg_finetune import SegmentationObjective, cached_loss_fn, live_loss_fn, train_head_only
 from jurassiglip.model.build import build_model, model_from_checkpoint, model_spec
-from jurassiglip.pretraining import ContrastiveObjective, contrastive_objective
-from jurassiglip.tracking import NullTracker
-from jurassiglip.train import EpochBatches, LoopSettings, NonFiniteLoss, Objective, fit, lr_factor
+from jurassiglip.training.contrastive_pretrain import ContrastiveObjective, contrastive_objective
+from jurassiglip.runtime.tracking import NullTracker
+from jurassiglip.training.loop import EpochBatches, LoopSettings, NonFiniteLoss, Objective, fit, lr_factor
 from stages import contrastive_pretrain, seg_finetune
 
 

@@ -14,12 +14,12 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from jurassiglip import checkpoint
+from jurassiglip.model import checkpoint
 from jurassiglip.cli import main as cli
 from jurassiglip.config import params_from_dict
 from jurassiglip.data.tokenizer import load_tokenizer
 from jurassiglip.model.build import build_model, model_spec
-from jurassiglip.predict import Decision, Predictor
+from jurassiglip.inference.predictor import Decision, Predictor
 
 AREA = Decision(mask_threshold=0.5, no_target_rule="area", no_target_min_area=0.002, no_target_threshold=0.5)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jurassiglip.losses import clip_loss, dice_loss, focal_loss, no_target_loss, segmentation_loss, sigmoid_loss
+from jurassiglip.training.losses import clip_loss, dice_loss, focal_loss, no_target_loss, segmentation_loss, sigmoid_loss
 
 
 def softplus(x):

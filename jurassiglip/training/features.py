@@ -29,6 +29,8 @@ world of one. The cache is reused while its fingerprint (pretrain
 checkpoint, manifest, splits, code) matches, and rebuilt atomically
 otherwise; every rank checks the fingerprint of the folder it opens and
 stops if it differs from its own (e.g. nodes that do not share data/).
+
+Why one long module: building the cache (across ranks) and reading it share the file layout.
 """
 
 from __future__ import annotations
@@ -44,10 +46,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from jurassiglip import atomic, distributed
+from jurassiglip.runtime import atomic
+
+from jurassiglip.runtime import distributed
 from jurassiglip.data.datasets import BatchDataset, target_masks
 from jurassiglip.data.manifest import Manifest
-from jurassiglip.env import autocast
+from jurassiglip.runtime.env import autocast
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from jurassiglip import metrics
+from jurassiglip.inference import metrics
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.masks import resize_mask
-from jurassiglip.predict import Inference, Predictor
+from jurassiglip.inference.predictor import Inference, Predictor
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from jurassiglip import checkpoint
+from jurassiglip.model import checkpoint
 from jurassiglip.config import EvaluateConfig
 from jurassiglip.data.images import read_image, to_rgb
 from jurassiglip.data.tokenizer import tokenize

@@ -1,4 +1,4 @@
-"""Tests of jurassiglip.metrics against values worked out by hand.
+"""Tests of jurassiglip.inference.metrics against values worked out by hand.
 
 Masks are drawn as strings, '#' = foreground, so every count in a comment can
 be checked by eye.
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from jurassiglip.metrics import (
+from jurassiglip.inference.metrics import (
     batch_intersection_union,
     intersection_union,
     sample_iou,

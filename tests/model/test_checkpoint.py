@@ -20,12 +20,12 @@ from real_format import save_dinov3, save_siglip2
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from jurassiglip import checkpoint
+from jurassiglip.model import checkpoint
 from jurassiglip.config import params_from_dict
 from jurassiglip.data.tokenizer import load_tokenizer, tokenize
 from jurassiglip.model.build import build_model, model_from_checkpoint, model_spec
 
-PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 CAPTIONS = ["the red circle", "all blue shapes", "the square on the left", "the largest triangle"]
 
 
@@ -260,7 +260,7 @@ def test_latest_round_trips_optimizer_rng_and_state(micro_data, micro_params, tm
 
 HUB_SCRIPT = """
 import json, sys, torch, yaml
-from jurassiglip import checkpoint
+from jurassiglip.model import checkpoint
 from jurassiglip.config import params_from_dict
 from jurassiglip.data.tokenizer import load_tokenizer, tokenize
 from jurassiglip.model.build import build_model, model_from_checkpoint, model_spec
@@ -301,7 +301,7 @@ def test_hub_bases_are_recorded_with_their_commit_and_loaded_from_the_cache_offl
     commits = {"dinov3": "1" * 40, "siglip2": "2" * 40}
     for folder in real_dirs:
         hub_cache_entry(tmp_path / "cache", f"jurassiglip-test/{folder.name}", folder, commits[folder.name])
-    tests = Path(__file__).resolve().parent
+    tests = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
     result = subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(tmp_path / checkpoint.BEST), str(PARAMS)], env=env,

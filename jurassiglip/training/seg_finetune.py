@@ -7,7 +7,7 @@ per-caption target mask (no-target captions keep their empty target)
 (features.py) and every epoch reads fp16 features from disk; without it
 they run live on every step, which gives the same loss to fp16 precision.
 `segmentation_objective` builds the `SegmentationObjective` that
-`train.fit` trains.
+`loop.fit` trains.
 
 Under torchrun each rank trains on its share of the global batch through a
 DDP wrapper of `JurasSigLIP.decode`; the ranks build the feature cache
@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from jurassiglip import distributed
+from jurassiglip.runtime import distributed
 from jurassiglip.config import FinetuneConfig
 from jurassiglip.data.datasets import CaptionDataset, EpochSampler
 from jurassiglip.data.manifest import Manifest
-from jurassiglip.features import CachedSegDataset, build_cache
-from jurassiglip.losses import no_target_loss, segmentation_loss
+from jurassiglip.training.features import CachedSegDataset, build_cache
+from jurassiglip.training.losses import no_target_loss, segmentation_loss
 from jurassiglip.model.model import JurasSigLIP
-from jurassiglip.train import Batch, EpochBatches, Objective
+from jurassiglip.training.loop import Batch, EpochBatches, Objective
 
 
 def split_ids(manifest: Manifest, split: str) -> np.ndarray:
@@ -89,7 +89,7 @@ def live_loss_fn(model: JurasSigLIP, cfg: FinetuneConfig, decode: Decode | None 
 
 
 class SegmentationObjective(Objective):
-    """Stage 2 for `train.fit`: the mask and no-target loss of fusion + heads on the frozen towers.
+    """Stage 2 for `loop.fit`: the mask and no-target loss of fusion + heads on the frozen towers.
 
     Args:
         model: the model; fusion, segmentation head and (with a no-target weight) the no-target

@@ -13,6 +13,9 @@ common colour-vision deficiencies; every colour is also named in the panel's
 legend, and a wrong no-target verdict is spelt out in words, not only in red.
 
 Shapes: H x W image or mask; masks are bool, images uint8 RGB.
+
+Why one long module: every picture the project draws (overlay colours, heatmap scale, panel layout,
+legend) shares one palette and one set of drawing helpers; all of it is pure.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What every stage entry point shares: logging, params, the output folder, the tracker.
+"""What every stage entry point shares: logging, params, signals, the tracker.
 
 A stage module is `run(params, tracker)` plus `main = entry(NAME, run)`.
 Stage name = module name = output folder `data/<name>/` = MLflow `stage` tag.
@@ -22,31 +22,12 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from pathlib import Path
 
-from jurassiglip import distributed
 from jurassiglip.config import PARAMS_FILE, ConfigError, load_params
-
-STAGES = ("build_manifest", "contrastive_pretrain", "seg_finetune", "evaluate", "render_val")
-DATA_DIR = Path("data")
-
-# Outputs one stage hands to the next (the same paths are declared in dvc.yaml).
-MANIFEST_DIR = DATA_DIR / "build_manifest" / "manifest"
-TOKENIZER_DIR = DATA_DIR / "build_manifest" / "tokenizer"
-PRETRAIN_CHECKPOINTS = DATA_DIR / "contrastive_pretrain" / "checkpoints"
-FINETUNE_CHECKPOINTS = DATA_DIR / "seg_finetune" / "checkpoints"
-FEATURES_DIR = DATA_DIR / "seg_finetune" / "features"
-EVALUATE_DIR = DATA_DIR / "evaluate"
-GALLERY_DIR = DATA_DIR / "render_val" / "gallery"
+from jurassiglip.runtime import distributed
+from jurassiglip.runtime.paths import stage_dir
 
 log = logging.getLogger(__name__)
-
-
-def stage_dir(name: str) -> Path:
-    """Output folder of a stage, relative to the repository (DVC runs stages there)."""
-    if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
-    return DATA_DIR / name
 
 
 def setup_logging() -> None:
@@ -94,7 +75,7 @@ def entry(name: str, run: Callable[..., None]) -> Callable[[], None]:
 
 def _main(name: str, run: Callable[..., None]) -> None:
     """The body of a stage's main(): params, tracker, run, resource log."""
-    from jurassiglip.tracking import NullTracker, Tracker, TrackingError, record_failure
+    from jurassiglip.runtime.tracking import NullTracker, Tracker, TrackingError, record_failure
 
     # Params first: the process group's timeout is one of them.
     try:

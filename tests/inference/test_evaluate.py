@@ -8,13 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jurassiglip import checkpoint, metrics
+from jurassiglip.inference import metrics
+
+from jurassiglip.model import checkpoint
 from jurassiglip.config import params_from_dict
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.tokenizer import load_tokenizer, tokenize
-from jurassiglip.evaluation import evaluate_split, split_metrics
+from jurassiglip.inference.evaluate import evaluate_split, split_metrics
 from jurassiglip.model.build import build_model, model_spec
-from jurassiglip.predict import Decision, Predictor
+from jurassiglip.inference.predictor import Decision, Predictor
 
 
 @pytest.fixture(scope="module")

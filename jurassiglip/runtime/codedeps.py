@@ -8,12 +8,12 @@ package or anything in it is imported, and `from pkg import name` counting
 `pkg/name.py` when `name` is a submodule.
 
 Two consumers use the same list, so they cannot drift apart:
-- dvc.yaml lists it file by file as each stage's code deps (tests/test_codedeps.py
+- dvc.yaml lists it file by file as each stage's code deps (tests/runtime/test_codedeps.py
   checks that), so `dvc repro` re-runs exactly the stages a code change affects;
 - `fingerprint` hashes it, so a resume never continues a run started by other code
   while an edit elsewhere (rendering, say) leaves a training run resumable.
 
-`python -m jurassiglip.codedeps` prints every stage's list as dvc.yaml lines.
+`python -m jurassiglip.runtime.codedeps` prints every stage's list as dvc.yaml lines.
 Nothing here names a folder inside the package: modules can move between
 subpackages and only dvc.yaml needs regenerating (plus EXCLUDED's names, which
 the tests check still name modules).
@@ -39,13 +39,13 @@ ROOT = Path(jurassiglip.__file__).resolve().parent.parent
 # They are not code deps, and the closure does not follow their imports (what they import is
 # reached through a real dependency or is plumbing too). The one list of exclusions.
 EXCLUDED = (
-    "jurassiglip",           # __init__.py: telemetry switches in the environment
-    "jurassiglip.stage",     # the entry point: logging, signals, params file; its output paths are checked
-                             # against dvc.yaml's outs by tests/test_codedeps.py, so a change there shows anyway
-    "jurassiglip.tracking",  # how runs are logged to MLflow and DVC's metrics/plots files
-    "jurassiglip.atomic",    # how a file reaches disk (temp file, fsync, rename); the caller makes the bytes
-    "jurassiglip.cli",       # the predict command line; no stage imports it
-    "jurassiglip.codedeps",  # this module: which code a stage depends on is not part of what it computes
+    "jurassiglip",                   # __init__.py: telemetry switches in the environment
+    "jurassiglip.runtime",           # the runtime package's __init__.py: its docstring only
+    "jurassiglip.runtime.entry",     # the entry point: logging, signals, params file, the process group
+    "jurassiglip.runtime.tracking",  # how runs are logged to MLflow and DVC's metrics/plots files
+    "jurassiglip.runtime.atomic",    # how a file reaches disk (temp file, fsync, rename); the caller makes the bytes
+    "jurassiglip.cli",               # the predict command line; no stage imports it
+    "jurassiglip.runtime.codedeps",  # this module: which code a stage depends on is not part of what it computes
 )
 
 
@@ -142,7 +142,7 @@ def fingerprint(stage: str, *parts: Any, files: Iterable[Path] = (), root: Path 
 def dvc_yaml_lines(stage: str, root: Path = ROOT, indent: int = 6) -> list[str]:
     """The code deps of `stage` as dvc.yaml lines (a comment saying where they come from, then the list)."""
     pad = " " * indent
-    return [f"{pad}# code: python -m jurassiglip.codedeps {stage}",
+    return [f"{pad}# code: python -m jurassiglip.runtime.codedeps {stage}",
             *(f"{pad}- {path}" for path in stage_code_deps(stage, root))]
 
 
@@ -172,7 +172,7 @@ def rewrite_dvc_yaml(text: str, root: Path = ROOT) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Print each stage's code deps (all stages, or those named) as dvc.yaml lines;
     with --write, rewrite them in the checkout's dvc.yaml instead."""
-    from jurassiglip.stage import STAGES
+    from jurassiglip.runtime.paths import STAGES
 
     args = list(sys.argv[1:] if argv is None else argv)
     if "--write" in args:

@@ -28,20 +28,26 @@ import torch
 import yaml
 
 
-from jurassiglip import checkpoint, distributed, stage
+from jurassiglip.runtime import entry as stage
+
+
+from jurassiglip.model import checkpoint
+
+
+from jurassiglip.runtime import distributed
 from jurassiglip.config import load_params
 from jurassiglip.data.datasets import CaptionDataset, EpochSampler
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.tokenizer import load_tokenizer, tokenize
-from jurassiglip.features import CacheMismatch, build_cache
-from jurassiglip.finetuning import SegmentationObjective
+from jurassiglip.training.features import CacheMismatch, build_cache
+from jurassiglip.training.seg_finetune import SegmentationObjective
 from jurassiglip.model.build import build_model, model_spec
 from jurassiglip.model.model import JurasSigLIP
-from jurassiglip.pretraining import ContrastiveObjective
-from jurassiglip.tracking import NullTracker
-from jurassiglip.train import EpochBatches, LoopSettings, fit
+from jurassiglip.training.contrastive_pretrain import ContrastiveObjective
+from jurassiglip.runtime.tracking import NullTracker
+from jurassiglip.training.loop import EpochBatches, LoopSettings, fit
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # (name, stage, micro-batch per rank; 0 = the rank's whole batch)
 CASES = [("contrastive", "contrastive", 0), ("contrastive_grad_cache", "contrastive", 2),
          ("segmentation", "segmentation", 0)]
@@ -240,7 +246,7 @@ def test_a_config_error_under_torchrun_exits_2_on_every_rank_and_is_recorded_onc
     would kill rank 0 as soon as rank 1 exits)."""
     from mlflow.tracking import MlflowClient
 
-    from jurassiglip.tracking import tracking_uri
+    from jurassiglip.runtime.tracking import tracking_uri
 
     params = {**micro_params, "finetune": {**micro_params["finetune"], "batch_size": 15}}  # odd: not for 2 ranks
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -324,7 +330,7 @@ def test_torchrun_runs_both_training_stages(micro_data, micro_params, tmp_path, 
     the feature cache built once, and stage 1 ending where one process ends."""
     from mlflow.tracking import MlflowClient
 
-    from jurassiglip.tracking import tracking_uri
+    from jurassiglip.runtime.tracking import tracking_uri
 
     # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: stages run in this process by earlier tests leave it set.
     for var in FOREIGN_ENV:

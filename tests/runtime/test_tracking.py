@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from jurassiglip.config import params_from_dict
-from jurassiglip.tracking import NullTracker, StageTracker, Tracker, repo_root, tracking_uri
+from jurassiglip.runtime.tracking import NullTracker, StageTracker, Tracker, repo_root, tracking_uri
 
 
 @pytest.fixture
@@ -134,7 +134,7 @@ def test_stage_stopped_by_invalid_params_is_a_failed_run(repo, params_dict):
     import yaml
 
     from jurassiglip.config import ConfigError
-    from jurassiglip.tracking import record_failure
+    from jurassiglip.runtime.tracking import record_failure
 
     params_dict["lora"]["r"] = -1
     (repo / "params.yaml").write_text(yaml.safe_dump(params_dict))
@@ -149,7 +149,7 @@ def test_stage_stopped_by_invalid_params_is_a_failed_run(repo, params_dict):
 
 
 def test_failure_record_gives_up_quietly_on_an_unreadable_params_file(repo):
-    from jurassiglip.tracking import record_failure
+    from jurassiglip.runtime.tracking import record_failure
 
     (repo / "params.yaml").write_text("lora: [unclosed\n")
     assert record_failure("evaluate", ValueError("x"), repo / "params.yaml") is None

@@ -16,11 +16,11 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from jurassiglip import stage as stage_module
-from jurassiglip.codedeps import EXCLUDED, ROOT, fingerprint, module_file, rewrite_dvc_yaml, stage_code_deps
-from jurassiglip.stage import DATA_DIR, STAGES
+from jurassiglip.runtime import paths as stage_module
+from jurassiglip.runtime.codedeps import EXCLUDED, ROOT, fingerprint, module_file, rewrite_dvc_yaml, stage_code_deps
+from jurassiglip.runtime.paths import DATA_DIR, STAGES
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CODE = ("stages/", "jurassiglip/")
 
 
@@ -52,7 +52,7 @@ def test_dvc_yaml_lists_exactly_the_modules_the_stage_imports(stage):
     missing, extra = sorted(derived - listed), sorted(listed - derived)
     assert not missing and not extra, (
         f"dvc.yaml stage {stage}: code deps differ from its imports; missing {missing}, extra {extra} "
-        f"(`python -m jurassiglip.codedeps {stage}` prints the list)")
+        f"(`python -m jurassiglip.runtime.codedeps {stage}` prints the list)")
 
 
 def test_every_exclusion_names_a_module():
@@ -71,14 +71,14 @@ def toy(tmp_path) -> Path:
     """A hand-made checkout: stage `toy` imports in a function, relatively, through a package, and an excluded
     module whose own import is not followed."""
     write(tmp_path, {
-        "stages/toy.py": "from jurassiglip import a\nimport jurassiglip.tracking\n",
+        "stages/toy.py": "from jurassiglip import a\nimport jurassiglip.runtime.tracking\n",
         "jurassiglip/__init__.py": "",
         "jurassiglip/a.py": "def f():\n    from jurassiglip.sub import c, CONSTANT\n    return c\n",
         "jurassiglip/b.py": "import os\n",
         "jurassiglip/sub/__init__.py": "CONSTANT = 1\n",
         "jurassiglip/sub/c.py": "from . import d\nfrom ..b import os\n",
         "jurassiglip/sub/d.py": "",
-        "jurassiglip/tracking.py": "import jurassiglip.only_for_tracking\n",  # excluded: not followed
+        "jurassiglip/runtime/tracking.py": "import jurassiglip.only_for_tracking\n",  # excluded: not followed
         "jurassiglip/only_for_tracking.py": "",
         "jurassiglip/unrelated.py": "",
     })
@@ -100,7 +100,7 @@ def test_rewriting_dvc_yaml_replaces_only_the_code_deps(toy):
     rewritten = rewrite_dvc_yaml(stale, toy)
     assert rewritten == stale.replace(
         "      - jurassiglip/gone.py\n      - jurassiglip/sub\n      - stages/toy.py\n",
-        "      # code: python -m jurassiglip.codedeps toy\n" + "".join(f"      - {p}\n" for p in TOY_CODE))
+        "      # code: python -m jurassiglip.runtime.codedeps toy\n" + "".join(f"      - {p}\n" for p in TOY_CODE))
     assert rewrite_dvc_yaml(rewritten, toy) == rewritten
 
 
@@ -131,12 +131,12 @@ def test_fingerprint_moves_with_the_stage_code_and_its_inputs_only(checkout):
 
     base = current()
     assert current() == base
-    assert "jurassiglip/render.py" not in stage_code_deps(stage, checkout)
-    for unrelated in ("jurassiglip/render.py", "jurassiglip/tracking.py"):  # another stage's; plumbing
+    assert "jurassiglip/inference/render.py" not in stage_code_deps(stage, checkout)
+    for unrelated in ("jurassiglip/inference/render.py", "jurassiglip/runtime/tracking.py"):  # another stage's; plumbing
         touch(checkout / unrelated)
         assert current() == base, unrelated
     assert current({"lr": 2e-3}, 7) != base
-    for changed in ("jurassiglip/pretraining.py", "jurassiglip/model/lora.py", "stages/contrastive_pretrain.py"):
+    for changed in ("jurassiglip/training/contrastive_pretrain.py", "jurassiglip/model/lora.py", "stages/contrastive_pretrain.py"):
         touch(checkout / changed)
         assert current() != base, changed
         base = current()
@@ -144,7 +144,7 @@ def test_fingerprint_moves_with_the_stage_code_and_its_inputs_only(checkout):
     assert current() != base
 
 
-# Where the stages read and write: the path constants in jurassiglip/stage.py are plain Paths that repeat
+# Where the stages read and write: the path constants in jurassiglip/runtime/entry.py are plain Paths that repeat
 # dvc.yaml's outs, checked here rather than read from dvc.yaml (see test below).
 
 def path_constants() -> dict[str, PurePosixPath]:

@@ -23,6 +23,9 @@ never disagree.
 
 Stages and the fit loop see a tracker as a `StageTracker`, the methods they
 call; ranks other than 0 under torchrun log into a `NullTracker`.
+
+Why one long module: one Tracker writes both MLflow and DVC's files by the same call, and the store
+checks, pipeline-parent logic and failure recording all serve that one run.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from typing import Any, Protocol
 import yaml
 
 import jurassiglip  # noqa: F401  (sets the telemetry switches before mlflow is imported)
-from jurassiglip import atomic
+from jurassiglip.runtime import atomic
 from jurassiglip.config import PARAMS_FILE, ConfigError, Params, flatten, resolve_choices
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Tests of jurassiglip.render (colours where expected, sizes) and of the gallery page (escaping)."""
+"""Tests of jurassiglip.inference.render (colours where expected, sizes) and of the gallery page (escaping)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-import jurassiglip.render as render
-from jurassiglip.gallery import gallery_html
-from jurassiglip.render import (
+import jurassiglip.inference.render as render
+from jurassiglip.inference.gallery import gallery_html
+from jurassiglip.inference.render import (
     ERROR_LEGEND,
     FN_COLOR,
     FP_COLOR,

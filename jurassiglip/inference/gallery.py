@@ -20,8 +20,8 @@ import pandas as pd
 from PIL import Image
 
 from jurassiglip.data.manifest import Manifest
-from jurassiglip.predict import Predictor
-from jurassiglip.render import RowSpec, panel
+from jurassiglip.inference.predictor import Predictor
+from jurassiglip.inference.render import RowSpec, panel
 
 
 def pick_images(samples: pd.DataFrame, n_images: int, max_captions: int) -> list[tuple[int, list[int]]]:

@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager, nullcontext
 import numpy as np
 import torch
 
-from jurassiglip import distributed
+from jurassiglip.runtime import distributed
 
 
 def seed_everything(seed: int) -> None:
