@@ -2,6 +2,11 @@
 
 A killed process leaves either the old file or the new one, never half of
 one. Every file or folder the pipeline produces goes through here.
+
+The temporary file and folder are created private (mkstemp/mkdtemp make
+0600/0700); before the rename they get the mode a plain `open()` or
+`mkdir()` would have given under the process's umask (0644/0755 under umask
+022), so a teammate or a shared MLflow server can read the outputs.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~current_umask())
     try:
         yield tmp
         with open(tmp, "rb") as handle:
@@ -37,6 +43,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _fsync_dir(path.parent)  # the rename itself survives a power cut only once the folder is synced
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -72,7 +85,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; outputs get the usual folder mode
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; outputs get the usual folder mode
     try:
         yield tmp
         old = None
