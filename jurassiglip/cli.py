@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from jurassiglip.data.images import read_image
     from jurassiglip.inference.predictor import Predictor
-    from jurassiglip.inference.render import overlay_mask
+    from jurassiglip.inference.render import prediction_overlay
 
     decision = _decision(args)
     predictor = Predictor.from_checkpoint(args.checkpoint, decision, device=args.device)
@@ -81,7 +81,7 @@ def _predict(args: argparse.Namespace) -> int:
     for k, result in enumerate(results):
         stem = f"{k:02d}_{_slug(result.text)}"
         mask_png = Image.fromarray(result.mask.astype(np.uint8) * 255, mode="L")  # uint8: images can be huge
-        overlay_png = Image.fromarray(overlay_mask(full, result.mask, color=(0, 158, 115)))
+        overlay_png = Image.fromarray(prediction_overlay(full, result.mask))
         atomic.write_with(args.out / f"{stem}_mask.png", lambda tmp: mask_png.save(tmp, format="PNG"))
         atomic.write_with(args.out / f"{stem}_overlay.png", lambda tmp: overlay_png.save(tmp, format="PNG"))
         lines.append(json.dumps({"text": result.text, "no_target": result.no_target,

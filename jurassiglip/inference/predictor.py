@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +87,7 @@ class Prediction:
     no_target_prob: float  # the no-target head's probability
     area: float        # predicted foreground fraction
     score: float       # mean probability inside the predicted mask (0 when empty)
+    warnings: list[str] = field(default_factory=list)  # what the user should know about this answer
 
 
 class Predictor:

@@ -156,6 +156,14 @@ def overlay_mask(image: np.ndarray, mask: np.ndarray, color: RGB, alpha: float =
     return _blend(image, mask, color, alpha)
 
 
+PREDICTION_COLOR: RGB = (0, 158, 115)  # bluish green (Okabe-Ito): the mask `predict` and the demo draw
+
+
+def prediction_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The overlay `jurassiglip predict` writes and the demo shows: mask in PREDICTION_COLOR on the image."""
+    return overlay_mask(image, mask, color=PREDICTION_COLOR)
+
+
 def overlay_errors(image: np.ndarray, pred: np.ndarray, gt: np.ndarray, alpha: float = 0.6) -> np.ndarray:
     """Colour true positives, false positives and false negatives of a mask.
 
