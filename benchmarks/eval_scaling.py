@@ -20,7 +20,7 @@ from benchmarks.harness import Options, interleaved, section, table, verdict
 from benchmarks.setups import tiny
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.inference.evaluate import evaluate_split, split_metrics
-from jurassiglip.model.build import model_spec
+from jurassiglip.model.spec import ModelSpec
 from jurassiglip.inference.predictor import Decision, Predictor
 
 NAME = "R4"
@@ -71,7 +71,7 @@ def _predictor(setup, seed: int, decision: Decision) -> Predictor:
     """A tiny model as the evaluate stage loads one (LoRA merged); its random weights cost the same."""
     model = setup.model(seed)
     model.merge_lora()
-    return Predictor(model, setup.tokenizer, model_spec(setup.params, setup.tokenizer), decision, device="cpu")
+    return Predictor(model, setup.tokenizer, ModelSpec.from_params(setup.params, setup.tokenizer), decision, device="cpu")
 
 
 def _first_samples(manifest: Manifest, n: int) -> Manifest:

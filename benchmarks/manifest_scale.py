@@ -40,7 +40,8 @@ import numpy as np
 from benchmarks.harness import Options, load_line, section, table, verdict
 from jurassiglip.config import load_params
 from jurassiglip.data import manifest as manifest_module
-from jurassiglip.data.manifest import Manifest, build_manifest
+from jurassiglip.data.build_manifest import build_manifest
+from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.refs import read_refs
 from jurassiglip.data.synthetic import generate
 from jurassiglip.data.tokenizer import build_word_tokenizer, load_tokenizer, tokenize

@@ -40,7 +40,8 @@ from benchmarks.harness import Options, interleaved, section, table, verdict
 from benchmarks.prototype import PrototypeCaptionDataset, PrototypeLoader
 from benchmarks.setups import REAL_VISION, tiny
 from jurassiglip.data.datasets import CaptionDataset
-from jurassiglip.data.manifest import Manifest, build_manifest
+from jurassiglip.data.build_manifest import build_manifest
+from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.refs import read_refs
 from jurassiglip.data.synthetic import generate
 from jurassiglip.data.tokenizer import tokenize

@@ -32,14 +32,15 @@ import numpy as np
 import torch
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-from jurassiglip.config import FinetuneConfig, Params, load_params
-from jurassiglip.data.manifest import Manifest, build_manifest
-from jurassiglip.data.refs import read_refs
-from jurassiglip.data.source import SourceFiles, resolve_source
-from jurassiglip.data.tokenizer import build_word_tokenizer, caption_tokenizer, tokenize
+from jurassiglip.config import FinetuneConfig, Params, TinyPreset, load_params
+from jurassiglip.data.build_manifest import build_inputs
+from jurassiglip.data.manifest import Manifest
+from jurassiglip.data.source import SourceFiles
+from jurassiglip.data.tokenizer import caption_tokenizer, tokenize
 from jurassiglip.training.seg_finetune import cached_loss_fn, live_loss_fn, train_head_only
 from jurassiglip.training.losses import no_target_loss, segmentation_loss
-from jurassiglip.model.build import build_model, model_spec
+from jurassiglip.model.build import build_model
+from jurassiglip.model.spec import ModelSpec
 from jurassiglip.model.lora import add_lora
 from jurassiglip.model.model import JurasSigLIP
 from jurassiglip.model.towers import VisionTower
@@ -74,7 +75,7 @@ class Tiny:
     def model(self, seed: int = 0) -> JurasSigLIP:
         """A fresh tiny model with LoRA (random weights: speed does not depend on them)."""
         torch.manual_seed(seed)
-        return build_model(model_spec(self.params, self.tokenizer))
+        return build_model(ModelSpec.from_params(self.params, self.tokenizer))
 
     def train_ids(self) -> np.ndarray:
         samples = self.manifest.samples
@@ -104,12 +105,7 @@ def tiny(quick: bool = False) -> Tiny:
         params = dataclasses.replace(params, synthetic=dataclasses.replace(syn, n_images=smaller))
     root = Path(tempfile.mkdtemp(prefix="jurassiglip_bench_"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
-    source = resolve_source(params, root / "synthetic")
-    refs = read_refs(source.grefs_path, source.instances_path, splits=params.data.splits,
-                     max_refs_per_split=params.data.max_refs_per_split, drop_no_target=params.data.drop_no_target)
-    build_manifest(refs, source.images_dir, root / "manifest", image_size=params.model.arch.image_size,
-                   on_bad_image=params.data.on_bad_image)
-    build_word_tokenizer([s.sentence for s in refs.samples if s.split == params.data.train_split], root / "tokenizer")
+    source = build_inputs(params, root).source
     manifest = Manifest.load(root / "manifest")
     tokenizer = caption_tokenizer(params.model, root / "tokenizer")
     ids, mask = tokenize(tokenizer, manifest.samples["sentence"].tolist(), params.model.arch.text_max_len)
@@ -128,18 +124,16 @@ def real_dims_model(setup: Tiny, seed: int = 0) -> JurasSigLIP:
     torch.manual_seed(seed)
     params = setup.params
     real, lora = params.model.real, params.lora
-    spec = dict(model_spec(params, setup.tokenizer))
-    spec["vocab_size"] = REAL_VOCAB
-    spec["arch"] = {
-        "image_size": real.image_size, "patch_size": REAL_VISION["patch_size"],
-        "vision_hidden": REAL_VISION["hidden_size"], "vision_layers": REAL_VISION["num_hidden_layers"],
-        "vision_heads": REAL_VISION["num_attention_heads"], "vision_mlp": REAL_VISION["intermediate_size"],
-        "register_tokens": REAL_VISION["num_register_tokens"],
-        "text_hidden": REAL_TEXT["hidden_size"], "text_layers": REAL_TEXT["num_hidden_layers"],
-        "text_heads": REAL_TEXT["num_attention_heads"], "text_mlp": REAL_TEXT["intermediate_size"],
-        "text_max_len": real.text_max_len, "shared_dim": real.shared_dim,
-        "fusion_inner_dim": real.fusion_inner_dim, "fusion_heads": real.fusion_heads, "head_hidden": real.head_hidden,
-    }
+    arch = TinyPreset(
+        image_size=real.image_size, patch_size=REAL_VISION["patch_size"],
+        vision_hidden=REAL_VISION["hidden_size"], vision_layers=REAL_VISION["num_hidden_layers"],
+        vision_heads=REAL_VISION["num_attention_heads"], vision_mlp=REAL_VISION["intermediate_size"],
+        register_tokens=REAL_VISION["num_register_tokens"],
+        text_hidden=REAL_TEXT["hidden_size"], text_layers=REAL_TEXT["num_hidden_layers"],
+        text_heads=REAL_TEXT["num_attention_heads"], text_mlp=REAL_TEXT["intermediate_size"],
+        text_max_len=real.text_max_len, text_tower_mask=real.text_tower_mask, shared_dim=real.shared_dim,
+        fusion_inner_dim=real.fusion_inner_dim, fusion_heads=real.fusion_heads, head_hidden=real.head_hidden)
+    spec = dataclasses.replace(ModelSpec.from_params(params, setup.tokenizer), vocab_size=REAL_VOCAB, arch=arch)
     model = build_model(spec)
     vision = DINOv3ViTModel(DINOv3ViTConfig(**REAL_VISION, image_size=real.image_size))
     vision, _ = add_lora(vision, lora.r, lora.alpha, lora.dropout, lora.targets)

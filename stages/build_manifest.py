@@ -5,10 +5,7 @@ re-opens a JPEG or re-decodes a polygon.
 """
 
 from jurassiglip.config import Params
-from jurassiglip.data.manifest import build_manifest
-from jurassiglip.data.refs import read_refs
-from jurassiglip.data.source import resolve_source
-from jurassiglip.data.tokenizer import build_word_tokenizer
+from jurassiglip.data.build_manifest import build_inputs
 from jurassiglip.runtime.entry import entry
 from jurassiglip.runtime.paths import stage_dir
 from jurassiglip.runtime.tracking import StageTracker
@@ -17,19 +14,10 @@ NAME = "build_manifest"
 
 
 def run(params: Params, tracker: StageTracker) -> None:
-    out = stage_dir(NAME)
-    source = resolve_source(params, out / "source")
-    refs = read_refs(source.grefs_path, source.instances_path, splits=params.data.splits,
-                     max_refs_per_split=params.data.max_refs_per_split,
-                     drop_no_target=params.data.drop_no_target,
-                     required_splits=(params.data.train_split, params.data.val_split))
-    summary = build_manifest(refs, source.images_dir, out / "manifest", image_size=params.model.arch.image_size,
-                             on_bad_image=params.data.on_bad_image, workers=params.data.workers)
-    train_captions = [s.sentence for s in refs.samples if s.split == params.data.train_split]
-    vocab = build_word_tokenizer(train_captions, out / "tokenizer")
+    built = build_inputs(params, stage_dir(NAME))
     # bad_images is a list of file names (kept in summary.json); metrics are numbers only
-    counts = {k: v for k, v in summary.items() if k != "bad_images"}
-    tracker.log_metrics({**counts, "vocab_size": vocab, "splits_missing": len(refs.missing_splits)})
+    counts = {k: v for k, v in built.summary.items() if k != "bad_images"}
+    tracker.log_metrics({**counts, "vocab_size": built.vocab_size, "splits_missing": len(built.refs.missing_splits)})
 
 
 main = entry(NAME, run)

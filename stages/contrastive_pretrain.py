@@ -5,7 +5,8 @@ from jurassiglip.config import Params
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.tokenizer import caption_tokenizer, tokenize
 from jurassiglip.runtime.env import device, seed_everything
-from jurassiglip.model.build import build_model, hub_offline_unless_pretrained, model_spec
+from jurassiglip.model.build import build_model, hub_offline_unless_pretrained
+from jurassiglip.model.spec import ModelSpec
 from jurassiglip.training.contrastive_pretrain import contrastive_objective
 from jurassiglip.runtime.entry import entry
 from jurassiglip.runtime.paths import MANIFEST_DIR, PRETRAIN_CHECKPOINTS, TOKENIZER_DIR
@@ -22,14 +23,14 @@ def run(params: Params, tracker: StageTracker) -> None:
     tokenizer = caption_tokenizer(params.model, TOKENIZER_DIR)
     input_ids, attention_mask = tokenize(tokenizer, manifest.samples["sentence"].tolist(),
                                          params.model.arch.text_max_len)
-    spec = model_spec(params, tokenizer)
+    spec = ModelSpec.from_params(params, tokenizer)
     model = build_model(spec).to(device())
     objective = contrastive_objective(
         model, manifest, input_ids, attention_mask, cfg=params.pretrain, train_split=params.data.train_split,
         val_split=params.data.val_split, seed=params.seed, spec=spec, tokenizer=tokenizer)
     result = fit(
         objective, loop_settings(params.pretrain), PRETRAIN_CHECKPOINTS,
-        run_fingerprint=fingerprint(NAME, spec, params.pretrain, params.seed, params.data.train_split,
+        run_fingerprint=fingerprint(NAME, spec.to_dict(), params.pretrain, params.seed, params.data.train_split,
                                     params.data.val_split, files=[MANIFEST_DIR / "samples.parquet"]),
         tracker=tracker)
     tracker.log_metrics(result.metrics())

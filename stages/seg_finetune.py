@@ -21,8 +21,8 @@ def run(params: Params, tracker: StageTracker) -> None:
     pretrained = PRETRAIN_CHECKPOINTS / checkpoint.BEST
     model, tokenizer, spec = model_from_checkpoint(pretrained)
     model = model.to(device())
-    manifest = Manifest.load(MANIFEST_DIR, spec["arch"]["image_size"], f"the image_size of {pretrained}")
-    input_ids, attention_mask = tokenize(tokenizer, manifest.samples["sentence"].tolist(), spec["arch"]["text_max_len"])
+    manifest = Manifest.load(MANIFEST_DIR, spec.arch.image_size, f"the image_size of {pretrained}")
+    input_ids, attention_mask = tokenize(tokenizer, manifest.samples["sentence"].tolist(), spec.arch.text_max_len)
     upstream = [pretrained, MANIFEST_DIR / "samples.parquet"]
     splits = (params.data.train_split, params.data.val_split)
     objective = segmentation_objective(

@@ -40,17 +40,8 @@ def micro_params() -> dict:
 def micro_data(tmp_path_factory, micro_params):
     """A micro synthetic set built into a manifest + tokenizer, as build_manifest does (shared, read-only)."""
     from jurassiglip.config import params_from_dict
-    from jurassiglip.data.manifest import build_manifest
-    from jurassiglip.data.refs import read_refs
-    from jurassiglip.data.source import resolve_source
-    from jurassiglip.data.tokenizer import build_word_tokenizer
+    from jurassiglip.data.build_manifest import build_inputs
 
     root = tmp_path_factory.mktemp("micro_data")
-    params = params_from_dict(micro_params)
-    source = resolve_source(params, root / "synthetic")
-    refs = read_refs(source.grefs_path, source.instances_path, splits=params.data.splits,
-                     max_refs_per_split=0, drop_no_target=False)
-    build_manifest(refs, source.images_dir, root / "manifest", image_size=params.model.arch.image_size,
-                   on_bad_image="fail")
-    build_word_tokenizer([s.sentence for s in refs.samples if s.split == "train"], root / "tokenizer")
+    build_inputs(params_from_dict(micro_params), root)
     return root

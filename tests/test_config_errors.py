@@ -15,7 +15,8 @@ import torch
 
 from jurassiglip.config import ConfigError, params_from_dict
 from jurassiglip.data.synthetic import COLOURS, SHAPES
-from jurassiglip.model.build import build_model, model_spec
+from jurassiglip.model.build import build_model
+from jurassiglip.model.spec import ModelSpec
 from jurassiglip.model.towers import tiny_dinov3, tiny_siglip2_text
 
 ALL_PAIRS = [f"{c} {s}" for c in COLOURS for s in SHAPES]
@@ -189,7 +190,7 @@ def _real_spec(pretrained_dirs, params_dict, tokenizer, **arch):
     params_dict["model"]["preset"] = "real"
     params_dict["model"]["real"].update(vision_name=str(pretrained_dirs / "vision"),
                                         text_name=str(pretrained_dirs / "text"), shared_dim=32, **arch)
-    return model_spec(params_from_dict(params_dict), tokenizer)
+    return ModelSpec.from_params(params_from_dict(params_dict), tokenizer)
 
 
 @pytest.mark.parametrize("arch, fragment", [
@@ -210,6 +211,6 @@ def test_real_preset_that_fits_its_checkpoints_builds(pretrained_dirs, params_di
 
 def test_lora_targets_missing_from_a_tower_are_named(params_dict, tokenizer):
     params_dict["lora"]["targets"] = ["qkv"]
-    spec = model_spec(params_from_dict(params_dict), tokenizer)
+    spec = ModelSpec.from_params(params_from_dict(params_dict), tokenizer)
     with pytest.raises(ValueError, match=r"lora.targets = \['qkv'\]: none of the LoRA targets"):
         build_model(spec)

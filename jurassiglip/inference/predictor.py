@@ -30,6 +30,7 @@ from jurassiglip.data.images import read_image, to_rgb
 from jurassiglip.data.tokenizer import tokenize
 from jurassiglip.model.build import model_from_payload
 from jurassiglip.model.model import JurasSigLIP
+from jurassiglip.model.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -93,15 +94,15 @@ class Prediction:
 class Predictor:
     """A trained model ready for inference, with its tokenizer and decision rule."""
 
-    def __init__(self, model: JurasSigLIP, tokenizer, spec: dict, decision: Decision,
+    def __init__(self, model: JurasSigLIP, tokenizer, spec: ModelSpec, decision: Decision,
                  device: torch.device | str | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.spec = spec
         self.decision = decision
-        self.image_size = int(spec["arch"]["image_size"])
-        self.text_max_len = int(spec["arch"]["text_max_len"])
+        self.image_size = spec.arch.image_size
+        self.text_max_len = spec.arch.text_max_len
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, decision: Decision, device: torch.device | str | None = None,

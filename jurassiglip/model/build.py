@@ -1,7 +1,7 @@
 """Builders: config -> plain numbers -> modules.
 
-`model_spec` freezes everything needed to rebuild a model into a plain dict
-(it travels inside every checkpoint, so inference never needs today's
+`ModelSpec` (spec.py) freezes everything needed to rebuild a model (it
+travels inside every checkpoint, so inference never needs today's
 params.yaml); `build_model` turns a spec into a JurasSigLIP with LoRA
 adapters on both towers; `model_from_checkpoint` rebuilds a trained one from
 a checkpoint (see checkpoint.py), its base towers read offline.
@@ -9,8 +9,6 @@ a checkpoint (see checkpoint.py), its base towers read offline.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
@@ -19,36 +17,20 @@ from typing import Any
 import torch
 
 from jurassiglip.model import checkpoint
-from jurassiglip.config import Params
+from jurassiglip.config import RealPreset, TinyPreset
 from jurassiglip.data.tokenizer import load_tokenizer
 from jurassiglip.model.fusion import CrossAttention
 from jurassiglip.model.head import NoTargetHead, SegHead
 from jurassiglip.model.lora import add_lora
 from jurassiglip.model.model import JurasSigLIP
+from jurassiglip.model.spec import ModelSpec
 from jurassiglip.model.towers import (TextTower, VisionTower, load_pretrained_text, load_pretrained_vision,
                                       tiny_dinov3, tiny_siglip2_text)
 
 log = logging.getLogger(__name__)
 
 
-def model_spec(params: Params, tokenizer: Any) -> dict[str, Any]:
-    """Everything `build_model` needs, as plain JSON values (lists, not tuples: what a checkpoint gives back)."""
-    return json.loads(json.dumps({
-        "preset": params.model.preset,
-        "arch": dataclasses.asdict(params.model.arch),
-        "image_mean": list(params.model.image_mean),
-        "image_std": list(params.model.image_std),
-        "lora": dataclasses.asdict(params.lora),
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "logit_scale_init": params.pretrain.logit_scale_init,
-        "logit_scale_max": params.pretrain.logit_scale_max,
-    }))
-
-
-def build_model(spec: dict[str, Any], *, lora: bool = True, revisions: dict[str, str | None] | None = None,
+def build_model(spec: ModelSpec, *, lora: bool = True, revisions: dict[str, str | None] | None = None,
                 local_files_only: bool = False) -> JurasSigLIP:
     """A JurasSigLIP from a spec: tiny random towers or pretrained ones, LoRA on both.
 
@@ -61,43 +43,43 @@ def build_model(spec: dict[str, Any], *, lora: bool = True, revisions: dict[str,
             folder), so that a checkpoint names the exact base weights.
         local_files_only: read the pretrained towers from a local folder or the local cache only.
     """
-    arch = spec["arch"]
-    if spec["preset"] == "tiny":
+    arch = spec.arch
+    if isinstance(arch, TinyPreset):
         vision_backbone = tiny_dinov3(
-            hidden_size=arch["vision_hidden"], num_layers=arch["vision_layers"], num_heads=arch["vision_heads"],
-            intermediate_size=arch["vision_mlp"], patch_size=arch["patch_size"], image_size=arch["image_size"],
-            num_register_tokens=arch["register_tokens"])
+            hidden_size=arch.vision_hidden, num_layers=arch.vision_layers, num_heads=arch.vision_heads,
+            intermediate_size=arch.vision_mlp, patch_size=arch.patch_size, image_size=arch.image_size,
+            num_register_tokens=arch.register_tokens)
         text_backbone = tiny_siglip2_text(
-            vocab_size=spec["vocab_size"], hidden_size=arch["text_hidden"], num_layers=arch["text_layers"],
-            num_heads=arch["text_heads"], intermediate_size=arch["text_mlp"],
-            max_position_embeddings=arch["text_max_len"], pad_token_id=spec["pad_token_id"],
-            bos_token_id=spec["bos_token_id"], eos_token_id=spec["eos_token_id"])
+            vocab_size=spec.vocab_size, hidden_size=arch.text_hidden, num_layers=arch.text_layers,
+            num_heads=arch.text_heads, intermediate_size=arch.text_mlp,
+            max_position_embeddings=arch.text_max_len, pad_token_id=spec.pad_token_id,
+            bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_id)
     else:
         # Pinned to a commit before loading, so the checkpoint can name exactly the weights it was trained on.
-        commits = {tower: hub_commit(arch[f"{tower}_name"], (revisions or {}).get(tower),
-                                     local_files_only=local_files_only) for tower in ("vision", "text")}
-        vision_backbone = load_pretrained_vision(arch["vision_name"], revision=commits["vision"],
+        names = {"vision": arch.vision_name, "text": arch.text_name}
+        commits = {tower: hub_commit(names[tower], (revisions or {}).get(tower), local_files_only=local_files_only)
+                   for tower in ("vision", "text")}
+        vision_backbone = load_pretrained_vision(arch.vision_name, revision=commits["vision"],
                                                  local_files_only=local_files_only)
-        text_backbone = load_pretrained_text(arch["text_name"], revision=commits["text"],
+        text_backbone = load_pretrained_text(arch.text_name, revision=commits["text"],
                                              local_files_only=local_files_only)
         check_pretrained_fit(vision_backbone.config, text_backbone.config, arch)
     if lora:
-        cfg = spec["lora"]
+        cfg = spec.lora
         try:
-            vision_backbone, vision_names = add_lora(vision_backbone, cfg["r"], cfg["alpha"], cfg["dropout"],
-                                                     cfg["targets"])
-            text_backbone, text_names = add_lora(text_backbone, cfg["r"], cfg["alpha"], cfg["dropout"], cfg["targets"])
+            vision_backbone, vision_names = add_lora(vision_backbone, cfg.r, cfg.alpha, cfg.dropout, cfg.targets)
+            text_backbone, text_names = add_lora(text_backbone, cfg.r, cfg.alpha, cfg.dropout, cfg.targets)
         except ValueError as err:
-            raise ValueError(f"lora.targets = {cfg['targets']!r}: {err}") from None
-        log.info("LoRA r=%d alpha=%g on vision %s and text %s", cfg["r"], cfg["alpha"], vision_names, text_names)
-    vision = VisionTower(vision_backbone, spec["image_mean"], spec["image_std"])
-    text = TextTower(text_backbone, arch["shared_dim"], mask_inside=arch["text_tower_mask"])
-    fusion = CrossAttention(dim=arch["shared_dim"], inner_dim=arch["fusion_inner_dim"], heads=arch["fusion_heads"])
-    head = SegHead(dim=arch["shared_dim"], hidden=arch["head_hidden"])
-    no_target = NoTargetHead(dim=arch["shared_dim"], hidden=arch["head_hidden"])
-    model = JurasSigLIP(vision, text, fusion, head, no_target, logit_scale_init=spec["logit_scale_init"],
-                        logit_scale_max=spec["logit_scale_max"], image_size=arch["image_size"])
-    if spec["preset"] != "tiny":
+            raise ValueError(f"lora.targets = {cfg.targets!r}: {err}") from None
+        log.info("LoRA r=%d alpha=%g on vision %s and text %s", cfg.r, cfg.alpha, vision_names, text_names)
+    vision = VisionTower(vision_backbone, list(spec.image_mean), list(spec.image_std))
+    text = TextTower(text_backbone, arch.shared_dim, mask_inside=arch.text_tower_mask)
+    fusion = CrossAttention(dim=arch.shared_dim, inner_dim=arch.fusion_inner_dim, heads=arch.fusion_heads)
+    head = SegHead(dim=arch.shared_dim, hidden=arch.head_hidden)
+    no_target = NoTargetHead(dim=arch.shared_dim, hidden=arch.head_hidden)
+    model = JurasSigLIP(vision, text, fusion, head, no_target, logit_scale_init=spec.logit_scale_init,
+                        logit_scale_max=spec.logit_scale_max, image_size=arch.image_size)
+    if not spec.embeds_base:
         model.base_revisions = commits  # read by checkpoint.base_sources when the model is saved
     return model
 
@@ -116,18 +98,18 @@ def hub_commit(name_or_dir: str, revision: str | None, *, local_files_only: bool
     return getattr(resolved, "resolved", None) or revision
 
 
-def check_pretrained_fit(vision_config: Any, text_config: Any, arch: dict[str, Any]) -> None:
+def check_pretrained_fit(vision_config: Any, text_config: Any, arch: RealPreset) -> None:
     """The real preset's numbers must agree with the checkpoints it loads."""
-    if vision_config.hidden_size != arch["shared_dim"]:
-        raise ValueError(f"model.real.shared_dim = {arch['shared_dim']} must equal the hidden size "
-                         f"{vision_config.hidden_size} of {arch['vision_name']}")
-    if arch["image_size"] % vision_config.patch_size:
-        raise ValueError(f"model.real.image_size = {arch['image_size']} is not divisible by the patch size "
-                         f"{vision_config.patch_size} of {arch['vision_name']}")
+    if vision_config.hidden_size != arch.shared_dim:
+        raise ValueError(f"model.real.shared_dim = {arch.shared_dim} must equal the hidden size "
+                         f"{vision_config.hidden_size} of {arch.vision_name}")
+    if arch.image_size % vision_config.patch_size:
+        raise ValueError(f"model.real.image_size = {arch.image_size} is not divisible by the patch size "
+                         f"{vision_config.patch_size} of {arch.vision_name}")
     limit = text_config.max_position_embeddings
-    if arch["text_max_len"] > limit:
-        raise ValueError(f"model.real.text_max_len = {arch['text_max_len']} exceeds the {limit} positions "
-                         f"of {arch['text_name']}")
+    if arch.text_max_len > limit:
+        raise ValueError(f"model.real.text_max_len = {arch.text_max_len} exceeds the {limit} positions "
+                         f"of {arch.text_name}")
 
 
 def hub_offline_unless_pretrained(preset: str) -> None:
@@ -149,7 +131,7 @@ def checkpoint_loads_offline() -> bool:
 
 
 def model_from_checkpoint(path: str | Path, *, merge: bool = False,
-                          map_location: str | torch.device = "cpu") -> tuple[JurasSigLIP, Any, dict[str, Any]]:
+                          map_location: str | torch.device = "cpu") -> tuple[JurasSigLIP, Any, ModelSpec]:
     """Rebuild a trained model and its tokenizer from a checkpoint alone (no params.yaml).
 
     The tiny preset's checkpoint holds everything. The real preset's holds the
@@ -167,10 +149,10 @@ def model_from_checkpoint(path: str | Path, *, merge: bool = False,
 
 
 def model_from_payload(path: str | Path, payload: dict[str, Any], *,
-                       merge: bool = False) -> tuple[JurasSigLIP, Any, dict[str, Any]]:
+                       merge: bool = False) -> tuple[JurasSigLIP, Any, ModelSpec]:
     """`model_from_checkpoint` for a payload already read from `path` (named in every error)."""
     spec, base = payload["spec"], payload["base"]
-    hub_offline_unless_pretrained(spec["preset"])
+    hub_offline_unless_pretrained(spec.preset)
     offline = checkpoint_loads_offline()
     try:
         model = build_model(spec, revisions=None if base["embedded"] else

@@ -11,13 +11,13 @@ Its tensors:
   checkpoints, named with their revisions below, and would add 1.2 GB of
   copies. The
   tiny preset's towers are random and exist nowhere else, so its whole
-  state_dict is stored (`base_embedded` is the rule).
+  state_dict is stored (`ModelSpec.embeds_base` is the rule).
 - `latest` only, what a resume needs bit for bit: `optimizer.state.<i>.<name>`
   (AdamW's moments and step of the i-th parameter) and `rng.torch` /
   `rng.cuda` (torch's generator states, ByteTensors).
 
 Its metadata: one JSON document under the key `jurassiglip` holding the
-format version, the model spec (model/build.py `model_spec`), the stage that
+format version, the model spec (model/spec.py `ModelSpec.to_dict`), the stage that
 wrote it and which heads it trained, the base towers' names and hub revisions
 (None for a local folder), the tokenizer (the tiny word tokenizer's files,
 base64; for the real preset a reference to the base text checkpoint, whose
@@ -50,6 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from jurassiglip.model.spec import ModelSpec
 from jurassiglip.runtime import atomic
 
 log = logging.getLogger(__name__)
@@ -68,16 +69,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, naming the file."""
 
 
-def base_embedded(spec: Mapping[str, Any]) -> bool:
-    """Whether a checkpoint of this spec stores the towers' base weights too.
-
-    Only the tiny preset's: its random towers have no other source. The real
-    preset's base towers are the published checkpoints (names and revisions in
-    the metadata), loaded from a local folder or the Hugging Face cache.
-    """
-    return spec["preset"] == "tiny"
-
-
 # -- writing ----------------------------------------------------------------------------------------
 
 
@@ -86,7 +77,7 @@ def save(path: str | Path, payload: Mapping[str, Any]) -> None:
 
     Args:
         payload: what the training stage hands over:
-            spec: the model spec; stage: one of STAGES;
+            spec: the ModelSpec; stage: one of STAGES;
             heads: {"segmentation": bool, "no_target": bool}, what the heads were trained for;
             model: the JurasSigLIP (its `trained_state_keys` and base configs are read);
             tokenizer: the caption tokenizer.
@@ -108,18 +99,19 @@ def save(path: str | Path, payload: Mapping[str, Any]) -> None:
 
 
 def _encode(payload: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    spec, model, stage = payload["spec"], payload["model"], payload["stage"]
+    spec: ModelSpec = payload["spec"]
+    model, stage = payload["model"], payload["stage"]
     if stage not in STAGES:
         raise ValueError(f"checkpoint stage {stage!r}: expected one of {STAGES}")
     state = model.state_dict()
-    keys = list(state) if base_embedded(spec) else model.trained_state_keys()
+    keys = list(state) if spec.embeds_base else model.trained_state_keys()
     tensors = {_MODEL + key: _own(state[key]) for key in keys}  # own storage: safetensors refuses shared tensors
     document: dict[str, Any] = {
         "format": FORMAT,
         "stage": stage,
         "heads": {"segmentation": bool(payload["heads"]["segmentation"]),
                   "no_target": bool(payload["heads"]["no_target"])},
-        "spec": spec,
+        "spec": spec.to_dict(),
         "base": base_sources(model, spec),
         "tokenizer": tokenizer_record(spec, payload["tokenizer"], model),
         "resume": None,
@@ -156,23 +148,24 @@ def _json_number(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} {value!r} cannot go into a checkpoint's metadata")
 
 
-def base_sources(model: Any, spec: Mapping[str, Any]) -> dict[str, Any]:
+def base_sources(model: Any, spec: ModelSpec) -> dict[str, Any]:
     """Where the base towers come from: {"embedded": True} for the tiny preset, else
     {"embedded": False, "vision": {"name", "revision"}, "text": {...}}.
 
     The revision is the hub commit the towers were loaded from (`model.base_revisions`,
     set by model/build.py `build_model`); None for a local folder, which has no commit.
     """
-    if base_embedded(spec):
+    if spec.embeds_base:
         return {"embedded": True}
     revisions = getattr(model, "base_revisions", {})
-    return {"embedded": False, **{tower: {"name": spec["arch"][f"{tower}_name"], "revision": revisions.get(tower)}
+    names = {"vision": spec.arch.vision_name, "text": spec.arch.text_name}
+    return {"embedded": False, **{tower: {"name": names[tower], "revision": revisions.get(tower)}
                                   for tower in ("vision", "text")}}
 
 
-def tokenizer_record(spec: Mapping[str, Any], tokenizer: Any, model: Any) -> dict[str, Any]:
+def tokenizer_record(spec: ModelSpec, tokenizer: Any, model: Any) -> dict[str, Any]:
     """The tokenizer as the metadata holds it: the tiny one's files, the real one by reference."""
-    if base_embedded(spec):
+    if spec.embeds_base:
         return {"files": {name: base64.b64encode(blob).decode("ascii")
                           for name, blob in tokenizer_files(tokenizer).items()}}
     return dict(base_sources(model, spec)["text"])
@@ -209,7 +202,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     """Read a checkpoint; a missing, truncated, old or foreign file raises CheckpointError naming it.
 
     Returns:
-        {"format", "stage", "heads", "spec", "base", "tokenizer" (metadata as written),
+        {"format", "stage", "heads", "base", "tokenizer" (metadata as written), "spec" (a ModelSpec),
          "model": {state_dict key: tensor} (the stored weights only, sorted by key)}, and for a resumable
         checkpoint also "optimizer" (a state_dict for `Optimizer.load_state_dict`), "state",
         "start_val_loss", "fingerprint", "torch_rng" and "cuda_rng" (None when not stored).
@@ -233,7 +226,11 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise CheckpointError(f"{path}: not a jurassiglip checkpoint (format {FORMAT} with a model spec in its "
                               f"'{META_KEY}' metadata)")
     device = torch.device(map_location)
-    payload: dict[str, Any] = {key: document[key] for key in ("format", "stage", "heads", "spec", "base", "tokenizer")}
+    payload: dict[str, Any] = {key: document[key] for key in ("format", "stage", "heads", "base", "tokenizer")}
+    try:
+        payload["spec"] = ModelSpec.from_dict(document["spec"])
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
     # sorted: safetensors hands the tensors back in no fixed order
     payload["model"] = {key[len(_MODEL):]: tensors[key].to(device) for key in sorted(tensors) if key.startswith(_MODEL)}
     resume = document.get("resume")
@@ -260,7 +257,7 @@ def load_weights(path: str | Path, model: Any, payload: Mapping[str, Any]) -> No
     must be in the file, with fitting shapes.
     """
     weights = payload["model"]
-    whole = base_embedded(payload["spec"])
+    whole = payload["spec"].embeds_base
     expected = list(model.state_dict()) if whole else model.trained_state_keys()
     missing = [key for key in expected if key not in weights]
     unexpected = sorted(set(weights) - set(expected))

@@ -24,7 +24,6 @@ one micro-batch; the gradient is that of the whole batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +39,7 @@ from jurassiglip.runtime.env import autocast
 from jurassiglip.training.losses import clip_loss, sigmoid_loss
 from jurassiglip.model.model import JurasSigLIP
 from jurassiglip.training.loop import Batch, EpochBatches, Objective, backward_step
+from jurassiglip.model.spec import ModelSpec
 
 
 def contrastive_samples(manifest: Manifest, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +74,7 @@ class ContrastiveObjective(Objective):
     STAGE = "contrastive_pretrain"  # the checkpoint's stage (checkpoint.STAGES)
 
     def __init__(self, model: JurasSigLIP, batches: EpochBatches, *, loss: str, micro_batch: int,
-                 spec: dict[str, Any], tokenizer: Any):
+                 spec: ModelSpec, tokenizer: Any):
         self.model = model
         self.batches = batches
         self.sigmoid = loss == "sigmoid"
@@ -86,12 +86,6 @@ class ContrastiveObjective(Objective):
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return self._trainable
-
-    def train_batches(self, epoch: int) -> Iterable[Batch]:
-        return self.batches.train(epoch)
-
-    def val_batches(self) -> Iterable[Batch]:
-        return self.batches.val()
 
     def after_step(self) -> None:
         self.model.clamp_logit_scale_()
@@ -211,7 +205,7 @@ class RngState:
 
 def contrastive_objective(model: JurasSigLIP, manifest: Manifest, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor, *, cfg: PretrainConfig, train_split: str, val_split: str,
-                          seed: int, spec: dict[str, Any], tokenizer: Any) -> ContrastiveObjective:
+                          seed: int, spec: ModelSpec, tokenizer: Any) -> ContrastiveObjective:
     """Stage 1 on the targeted captions of `train_split`, validated on `val_split` (this rank's share).
 
     Args:

@@ -90,23 +90,25 @@ class Objective(Protocol):
 
     Stage 1's is `contrastive_pretrain.ContrastiveObjective`, stage 2's
     `seg_finetune.SegmentationObjective`. They subclass this protocol to inherit
-    the defaults of `step`, `train_mode`, `after_step` and `epoch_extras`;
+    the defaults of `train_batches`, `val_batches` (from `batches`), `step`,
+    `train_mode`, `after_step` and `epoch_extras`;
     the abstract members have none.
     """
 
     model: torch.nn.Module  # the whole model: fit restores its weights on resume and validates it in eval mode
+    batches: EpochBatches   # this rank's training and validation batches
 
     @abstractmethod
     def trainable(self) -> list[torch.nn.Parameter]:
         """The parameters AdamW updates, in a fixed order (the latest checkpoint keeps their state by position)."""
 
-    @abstractmethod
     def train_batches(self, epoch: int) -> Iterable[Batch]:
         """This rank's training batches of `epoch` (from 1), in an order that depends on the epoch only."""
+        return self.batches.train(epoch)
 
-    @abstractmethod
     def val_batches(self) -> Iterable[Batch]:
         """This rank's validation batches, the same at every call."""
+        return self.batches.val()
 
     @abstractmethod
     def loss(self, batch: Batch) -> torch.Tensor:

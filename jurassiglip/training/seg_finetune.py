@@ -17,7 +17,7 @@ all read the whole of it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from jurassiglip.training.features import CachedSegDataset, build_cache
 from jurassiglip.training.losses import no_target_loss, segmentation_loss
 from jurassiglip.model.model import JurasSigLIP
 from jurassiglip.training.loop import Batch, EpochBatches, Objective
+from jurassiglip.model.spec import ModelSpec
 
 
 def split_ids(manifest: Manifest, split: str) -> np.ndarray:
@@ -102,7 +103,7 @@ class SegmentationObjective(Objective):
 
     STAGE = "seg_finetune"  # the checkpoint's stage (checkpoint.STAGES)
 
-    def __init__(self, model: JurasSigLIP, batches: EpochBatches, *, cfg: FinetuneConfig, spec: dict[str, Any],
+    def __init__(self, model: JurasSigLIP, batches: EpochBatches, *, cfg: FinetuneConfig, spec: ModelSpec,
                  tokenizer: Any):
         self.model = model
         self.batches = batches
@@ -115,12 +116,6 @@ class SegmentationObjective(Objective):
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return self._trainable
-
-    def train_batches(self, epoch: int) -> Iterable[Batch]:
-        return self.batches.train(epoch)
-
-    def val_batches(self) -> Iterable[Batch]:
-        return self.batches.val()
 
     def loss(self, batch: Batch) -> torch.Tensor:
         return self._loss(batch)
@@ -135,7 +130,7 @@ class SegmentationObjective(Objective):
 
 def segmentation_objective(model: JurasSigLIP, manifest: Manifest, input_ids: torch.Tensor,
                            attention_mask: torch.Tensor, *, cfg: FinetuneConfig, train_split: str, val_split: str,
-                           seed: int, features_dir: Path, cache_fingerprint: str, spec: dict[str, Any],
+                           seed: int, features_dir: Path, cache_fingerprint: str, spec: ModelSpec,
                            tokenizer: Any) -> SegmentationObjective:
     """Stage 2 on `train_split`, validated on `val_split` (this rank's share), on cached or live features.
 

@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from jurassiglip.data import masks
-from jurassiglip.data.manifest import Manifest, build_manifest, to_rgb
+from jurassiglip.data.build_manifest import build_manifest
+from jurassiglip.data.images import to_rgb
+from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.refs import DataError, read_refs
 
 SPLITS = ["train", "val", "testA", "testB"]

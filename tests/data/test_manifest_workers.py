@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from jurassiglip.data import masks
-from jurassiglip.data.manifest import IMAGE_CHUNK, MASK_CHUNK, Manifest, build_manifest, resolve_workers
+from jurassiglip.data.build_manifest import build_manifest
+from jurassiglip.data.decode import IMAGE_CHUNK, MASK_CHUNK, resolve_workers
+from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.refs import DataError, read_refs
 from jurassiglip.data.synthetic import generate
 

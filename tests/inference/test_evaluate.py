@@ -15,7 +15,8 @@ from jurassiglip.config import params_from_dict
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.tokenizer import load_tokenizer, tokenize
 from jurassiglip.inference.evaluate import evaluate_split, split_metrics
-from jurassiglip.model.build import build_model, model_spec
+from jurassiglip.model.build import build_model
+from jurassiglip.model.spec import ModelSpec
 from jurassiglip.inference.predictor import Decision, Predictor
 
 
@@ -23,7 +24,7 @@ from jurassiglip.inference.predictor import Decision, Predictor
 def setup(micro_data, micro_params, tmp_path_factory):
     params = params_from_dict(micro_params)
     tokenizer = load_tokenizer(micro_data / "tokenizer")
-    spec = model_spec(params, tokenizer)
+    spec = ModelSpec.from_params(params, tokenizer)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / checkpoint.BEST
     checkpoint.save(path, {"spec": spec, "model": build_model(spec), "tokenizer": tokenizer, "stage": "seg_finetune",

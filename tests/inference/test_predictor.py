@@ -18,7 +18,8 @@ from jurassiglip.model import checkpoint
 from jurassiglip.cli import main as cli
 from jurassiglip.config import params_from_dict
 from jurassiglip.data.tokenizer import load_tokenizer
-from jurassiglip.model.build import build_model, model_spec
+from jurassiglip.model.build import build_model
+from jurassiglip.model.spec import ModelSpec
 from jurassiglip.inference.predictor import Decision, Predictor
 
 AREA = Decision(mask_threshold=0.5, no_target_rule="area", no_target_min_area=0.002, no_target_threshold=0.5)
@@ -27,7 +28,7 @@ AREA = Decision(mask_threshold=0.5, no_target_rule="area", no_target_min_area=0.
 def write_checkpoint(path, micro_data, micro_params, stage="seg_finetune", no_target=True):
     params = params_from_dict(micro_params)
     tokenizer = load_tokenizer(micro_data / "tokenizer")
-    spec = model_spec(params, tokenizer)
+    spec = ModelSpec.from_params(params, tokenizer)
     torch.manual_seed(0)
     model = build_model(spec)
     checkpoint.save(path, {"spec": spec, "model": model, "tokenizer": tokenizer, "stage": stage,

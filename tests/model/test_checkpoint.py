@@ -23,7 +23,8 @@ from safetensors.torch import save as save_tensors
 from jurassiglip.model import checkpoint
 from jurassiglip.config import params_from_dict
 from jurassiglip.data.tokenizer import load_tokenizer, tokenize
-from jurassiglip.model.build import build_model, model_from_checkpoint, model_spec
+from jurassiglip.model.build import build_model, model_from_checkpoint
+from jurassiglip.model.spec import ModelSpec
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 CAPTIONS = ["the red circle", "all blue shapes", "the square on the left", "the largest triangle"]
@@ -77,7 +78,7 @@ def real_spec(real_dirs):
     params["model"]["preset"] = "real"
     params["model"]["real"].update(vision_name=str(vision), text_name=str(text), image_size=64, text_max_len=16,
                                    shared_dim=32, fusion_inner_dim=32, head_hidden=16)
-    return model_spec(params_from_dict(params), load_tokenizer(text))
+    return ModelSpec.from_params(params_from_dict(params), load_tokenizer(text))
 
 
 def trained_model(spec):
@@ -100,7 +101,7 @@ def payload(spec, model, tokenizer, stage="seg_finetune", no_target=True):
 def inputs(tokenizer, spec):
     torch.manual_seed(1)
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)  # (B, 3, S, S)
-    ids, mask = tokenize(tokenizer, CAPTIONS[:2], spec["arch"]["text_max_len"])  # (B, L)
+    ids, mask = tokenize(tokenizer, CAPTIONS[:2], spec.arch.text_max_len)  # (B, L)
     return images, ids, mask
 
 
@@ -136,7 +137,7 @@ def test_metadata_names_the_bases_the_stage_and_the_heads(saved, real_spec, real
     vision, text = (str(d) for d in real_dirs)
     assert document == {
         "format": 2, "stage": "seg_finetune", "heads": {"segmentation": True, "no_target": True},
-        "spec": real_spec, "resume": None,
+        "spec": real_spec.to_dict(), "resume": None,
         "base": {"embedded": False, "vision": {"name": vision, "revision": None},
                  "text": {"name": text, "revision": None}},
         "tokenizer": {"name": text, "revision": None},  # a reference: SigLIP2's tokenizer.json is 34 MB
@@ -166,6 +167,19 @@ def rewrite(path, out, edit_tensors=None, edit_document=None):
         edit_document(document)
     out.write_bytes(save_tensors(tensors, metadata={checkpoint.META_KEY: json.dumps(document)}))
     return out
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda d: d["spec"].pop("vocab_size"), r"model spec: missing \['vocab_size'\]"),
+    (lambda d: d["spec"]["arch"].update(depth=3), r"model spec arch \(real\): unknown \['depth'\]"),
+    (lambda d: d["spec"].update(preset="huge"), r"model spec preset 'huge': expected one of \['real', 'tiny'\]"),
+    (lambda d: d["spec"]["lora"].pop("r"), r"model spec lora: missing \['r'\]"),
+])
+def test_a_spec_that_does_not_describe_a_model_names_the_file_and_the_key(saved, tmp_path, damage, fragment):
+    path, _, _ = saved
+    bad = rewrite(path, tmp_path / "bad.safetensors", edit_document=damage)
+    with pytest.raises(checkpoint.CheckpointError, match=rf"^{bad}: {fragment}"):
+        checkpoint.load(bad)
 
 
 def test_missing_base_is_one_message_saying_how_to_get_it(saved, tmp_path, monkeypatch):
@@ -213,7 +227,7 @@ def test_weights_that_do_not_fit_name_the_file(saved, tmp_path, damage, fragment
 
 
 def test_tiny_preset_embeds_the_whole_model_and_its_tokenizer(micro_data, micro_params, tmp_path):
-    spec = model_spec(params_from_dict(micro_params), load_tokenizer(micro_data / "tokenizer"))
+    spec = ModelSpec.from_params(params_from_dict(micro_params), load_tokenizer(micro_data / "tokenizer"))
     tokenizer = load_tokenizer(micro_data / "tokenizer")
     torch.manual_seed(0)
     model = build_model(spec)
@@ -228,7 +242,7 @@ def test_tiny_preset_embeds_the_whole_model_and_its_tokenizer(micro_data, micro_
 
 
 def test_latest_round_trips_optimizer_rng_and_state(micro_data, micro_params, tmp_path):
-    spec = model_spec(params_from_dict(micro_params), load_tokenizer(micro_data / "tokenizer"))
+    spec = ModelSpec.from_params(params_from_dict(micro_params), load_tokenizer(micro_data / "tokenizer"))
     tokenizer = load_tokenizer(micro_data / "tokenizer")
     torch.manual_seed(0)
     model = build_model(spec)
@@ -263,14 +277,15 @@ import json, sys, torch, yaml
 from jurassiglip.model import checkpoint
 from jurassiglip.config import params_from_dict
 from jurassiglip.data.tokenizer import load_tokenizer, tokenize
-from jurassiglip.model.build import build_model, model_from_checkpoint, model_spec
+from jurassiglip.model.build import build_model, model_from_checkpoint
+from jurassiglip.model.spec import ModelSpec
 
 out, params = sys.argv[1], yaml.safe_load(open(sys.argv[2]))
 params["model"]["preset"] = "real"
 params["model"]["real"].update(vision_name="jurassiglip-test/dinov3", text_name="jurassiglip-test/siglip2",
                                image_size=64, text_max_len=16, shared_dim=32, fusion_inner_dim=32, head_hidden=16)
 tokenizer = load_tokenizer("jurassiglip-test/siglip2", local_files_only=True)
-spec = model_spec(params_from_dict(params), tokenizer)
+spec = ModelSpec.from_params(params_from_dict(params), tokenizer)
 torch.manual_seed(0)
 model = build_model(spec, local_files_only=True).eval()
 checkpoint.save(out, {"spec": spec, "model": model, "tokenizer": tokenizer, "stage": "seg_finetune",

@@ -41,7 +41,8 @@ from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.tokenizer import load_tokenizer, tokenize
 from jurassiglip.training.features import CacheMismatch, build_cache
 from jurassiglip.training.seg_finetune import SegmentationObjective
-from jurassiglip.model.build import build_model, model_spec
+from jurassiglip.model.build import build_model
+from jurassiglip.model.spec import ModelSpec
 from jurassiglip.model.model import JurasSigLIP
 from jurassiglip.training.contrastive_pretrain import ContrastiveObjective
 from jurassiglip.runtime.tracking import NullTracker
@@ -79,7 +80,7 @@ def load_setup(data_dir: Path, params_path: Path):
     manifest = Manifest.load(data_dir / "manifest")
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     ids, mask = tokenize(tokenizer, manifest.samples["sentence"].tolist(), params.model.arch.text_max_len)
-    return params, manifest, ids, mask, model_spec(params, tokenizer)
+    return params, manifest, ids, mask, ModelSpec.from_params(params, tokenizer)
 
 
 def perturbed_model(spec: dict) -> JurasSigLIP:

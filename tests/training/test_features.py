@@ -20,7 +20,8 @@ from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.tokenizer import load_tokenizer, tokenize
 from jurassiglip.training.features import CachedSegDataset, build_cache, text_length
 from jurassiglip.training.seg_finetune import cached_loss_fn, live_loss_fn, train_head_only
-from jurassiglip.model.build import build_model, model_spec
+from jurassiglip.model.build import build_model
+from jurassiglip.model.spec import ModelSpec
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def setup(micro_data, micro_params):
     tokenizer = load_tokenizer(micro_data / "tokenizer")
     ids, mask = tokenize(tokenizer, manifest.samples["sentence"].tolist(), params.model.arch.text_max_len)
     torch.manual_seed(0)
-    model = build_model(model_spec(params, tokenizer))
+    model = build_model(ModelSpec.from_params(params, tokenizer))
     model.trainable_for_finetune()
     train_head_only(model)
     return params, manifest, ids, mask, model

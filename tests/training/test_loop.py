@@ -16,7 +16,8 @@ from jurassiglip.data.manifest import Manifest
 from jurassiglip.data.tokenizer import load_tokenizer, tokenize
 from jurassiglip.training.features import CachedSegDataset, build_cache
 from jurassiglip.training.seg_finetune import SegmentationObjective, cached_loss_fn, live_loss_fn, train_head_only
-from jurassiglip.model.build import build_model, model_from_checkpoint, model_spec
+from jurassiglip.model.build import build_model, model_from_checkpoint
+from jurassiglip.model.spec import ModelSpec
 from jurassiglip.training.contrastive_pretrain import ContrastiveObjective, contrastive_objective
 from jurassiglip.runtime.tracking import NullTracker
 from jurassiglip.training.loop import EpochBatches, LoopSettings, NonFiniteLoss, Objective, fit, lr_factor
@@ -42,7 +43,7 @@ def setup(micro_data, micro_params):
     manifest = Manifest.load(micro_data / "manifest")
     tokenizer = load_tokenizer(micro_data / "tokenizer")
     ids, mask = tokenize(tokenizer, manifest.samples["sentence"].tolist(), params.model.arch.text_max_len)
-    spec = model_spec(params, tokenizer)
+    spec = ModelSpec.from_params(params, tokenizer)
     return params, manifest, tokenizer, ids, mask, spec
 
 
