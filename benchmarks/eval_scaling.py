@@ -21,7 +21,8 @@ from benchmarks.setups import tiny
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.inference.evaluate import evaluate_split, split_metrics
 from jurassiglip.model.spec import ModelSpec
-from jurassiglip.inference.predictor import Decision, Predictor
+from jurassiglip.inference.decision import Decision
+from jurassiglip.inference.predictor import Predictor
 
 NAME = "R4"
 GOAL = 1.1  # fitted exponent, at most

@@ -223,7 +223,7 @@ class Stage2Step:
         batch, cfg = self.cached_batch, self.cfg
 
         def step() -> None:
-            logits, nt_logits = self.model.decode(batch["patches"], batch["text"], batch["text_mask"])
+            logits, nt_logits = self.model.decode(batch["patches"], batch["text"], batch["text_mask"], batch["image"])
             loss = seg_loss(logits, batch["target"])
             if cfg.no_target_weight:
                 loss = loss + cfg.no_target_weight * no_target_loss(nt_logits, batch["no_target"])

@@ -160,10 +160,23 @@ class RealPreset:
 
 
 @dataclass(frozen=True)
+class DecoderConfig:
+    kind: Literal["prototype", "refine"]
+    blocks: int
+    guide_channels: int
+    guide_to_grid: bool
+
+    def validate(self, key: str) -> None:
+        _require(self.blocks >= 0, f"{key}.blocks", self.blocks, "must be >= 0")
+        _require(self.guide_channels >= 0, f"{key}.guide_channels", self.guide_channels, "must be >= 0 (0 = no guide)")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     preset: Literal["tiny", "real"]
     image_mean: list[float]
     image_std: list[float]
+    decoder: DecoderConfig
     tiny: TinyPreset
     real: RealPreset
 
@@ -173,6 +186,12 @@ class ModelConfig:
         return self.tiny if self.preset == "tiny" else self.real
 
     def validate(self, key: str) -> None:
+        if self.decoder.kind == "refine":
+            _require(self.arch.shared_dim % 4 == 0, f"{key}.{self.preset}.shared_dim", self.arch.shared_dim,
+                     f"must be divisible by 4 for {key}.decoder.kind refine (its 2-D position code)")
+            if self.decoder.guide_channels:
+                _require(self.arch.image_size % 4 == 0, f"{key}.{self.preset}.image_size", self.arch.image_size,
+                         f"must be divisible by 4 for {key}.decoder.guide_channels > 0 (4-pixel cells)")
         for name in ("image_mean", "image_std"):
             _require(len(getattr(self, name)) == 3, f"{key}.{name}", getattr(self, name), "must hold 3 numbers (RGB)")
         _require(all(s > 0 for s in self.image_std), f"{key}.image_std", self.image_std, "must be > 0")

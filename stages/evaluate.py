@@ -11,7 +11,8 @@ from jurassiglip.config import Params
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.runtime.env import seed_everything
 from jurassiglip.inference.evaluate import evaluate_split, split_metrics
-from jurassiglip.inference.predictor import Decision, Predictor
+from jurassiglip.inference.decision import Decision
+from jurassiglip.inference.predictor import Predictor
 from jurassiglip.runtime.entry import entry
 from jurassiglip.runtime.paths import EVALUATE_DIR, FINETUNE_CHECKPOINTS, MANIFEST_DIR
 from jurassiglip.runtime.tracking import StageTracker

@@ -10,7 +10,8 @@ from jurassiglip.model import checkpoint
 from jurassiglip.config import Params
 from jurassiglip.data.manifest import Manifest
 from jurassiglip.inference.gallery import gallery_html, image_panel, pick_images
-from jurassiglip.inference.predictor import Decision, Predictor
+from jurassiglip.inference.decision import Decision
+from jurassiglip.inference.predictor import Predictor
 from jurassiglip.runtime.entry import entry
 from jurassiglip.runtime.paths import EVALUATE_DIR, FINETUNE_CHECKPOINTS, GALLERY_DIR, MANIFEST_DIR
 from jurassiglip.runtime.tracking import StageTracker

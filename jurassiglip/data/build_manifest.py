@@ -187,6 +187,7 @@ def _samples_table(dataset: RefDataset, samples: list[Sample], image_index: dict
         "n_targets": [len(s.ann_ids) for s in samples],
         "kind": [s.kind for s in samples],
         "novel": [s.novel for s in samples],
+        "template": [s.template for s in samples],
         "height": [i.height for i in images],
         "width": [i.width for i in images],
         "mask_rle": rles,

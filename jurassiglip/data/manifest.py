@@ -60,6 +60,7 @@ SAMPLE_COLUMNS: dict[str, tuple[str, str]] = {
     "n_targets": ("int16", "int"),
     "kind": ("str", "str"),
     "novel": ("bool", "bool"),
+    "template": ("str", "str"),   # the synthetic generator's caption template; "" for gRefCOCO
     "height": ("int32", "int"),
     "width": ("int32", "int"),
     "mask_rle": ("str", "str"),

@@ -78,6 +78,7 @@ class Sample:
     no_target: bool
     ann_ids: tuple[int, ...]
     novel: bool
+    template: str = ""  # the synthetic generator's template (the ref's "template" key); "" for gRefCOCO
 
     @property
     def kind(self) -> str:
@@ -119,6 +120,7 @@ class _Ref:
     no_target: bool
     sentences: list[tuple[int, str]]
     novel: bool
+    template: str = ""
     targets: tuple[int, ...] = ()
     crowd_skipped: int = 0
 
@@ -232,6 +234,9 @@ def _parse_ref(raw: Any, index: int, path: Path, images: dict[int, ImageInfo], a
     novel = raw.get("novel", False)
     if not isinstance(novel, bool):
         raise DataError(f"{where}: novel must be true/false, got {novel!r}")
+    template = raw.get("template", "")
+    if not isinstance(template, str):
+        raise DataError(f"{where}: template must be a string, got {template!r}")
     return _Ref(
         ref_id=raw["ref_id"],
         image_id=image_id,
@@ -240,6 +245,7 @@ def _parse_ref(raw: Any, index: int, path: Path, images: dict[int, ImageInfo], a
         no_target=no_target,
         sentences=_parse_sentences(raw["sentences"], where),
         novel=novel,
+        template=template,
     )
 
 
@@ -406,7 +412,7 @@ def read_refs(
     counts["crowd_anns_skipped"] = sum(r.crowd_skipped for r in kept)
 
     samples = [
-        Sample(r.ref_id, sent_id, r.image_id, r.split, text, r.no_target, r.targets, r.novel)
+        Sample(r.ref_id, sent_id, r.image_id, r.split, text, r.no_target, r.targets, r.novel, r.template)
         for r in kept
         for sent_id, text in r.sentences
     ]

@@ -86,6 +86,16 @@ KIND_GROUPS = {  # a ref slot picks a group uniformly, then a non-empty kind, th
     "none": ("absent", "absent_where", "count", "absent_novel"),
 }
 
+# What a caption asks the model to read, recorded per ref as "template" (an extra key of the
+# gRefCOCO format that the reader carries into the manifest; evaluate reports metrics per template).
+# Attribute expressions are split by the words they use (`_attribute_template`); the other kinds
+# map to one template each.
+TEMPLATES = ("attribute", "colour_only", "shape_only", "size_only", "position", "relation", "superlative",
+             "multi", "no_target")
+KIND_TEMPLATES = {"multi": "multi", "position": "position", "anchor": "relation", "size": "superlative",
+                  "absent": "no_target", "absent_where": "no_target", "absent_novel": "no_target",
+                  "count": "no_target"}
+
 
 @dataclass(frozen=True)
 class SyntheticFiles:
@@ -117,6 +127,7 @@ class Expr:
     targets: tuple[int, ...]
     phrasings: tuple[str, ...]
     pairs: tuple[tuple[str, str], ...] = ()
+    template: str = ""  # what the caption asks for (TEMPLATES); defaults to the kind's template
 
 
 def generate(out_dir: Path, *, seed: int, n_images: dict[str, int], min_objects: int,
@@ -334,6 +345,18 @@ def _candidates(rng, shapes, areas, height, width, novel, is_train):
 
 
 @functools.lru_cache(maxsize=None)  # a few hundred distinct phrases, asked for ~10^6 times
+def _attribute_template(desc):
+    """Which attribute words a description uses: one word alone, or several."""
+    size, colour, shape = desc
+    if (size, colour) == (None, None):
+        return "shape_only"
+    if (size, shape) == (None, None):
+        return "colour_only"
+    if (colour, shape) == (None, None):
+        return "size_only"
+    return "attribute"
+
+
 def _phrase(desc, plural=False):
     size, colour, shape = desc
     return " ".join(w for w in (size, colour, (shape or "shape") + "s" * plural) if w)
@@ -351,7 +374,7 @@ def _attribute_exprs(index):
             phrasings = [f"the {p}", p, f"the {p} in the picture"]
             if desc[1] and desc[2]:
                 phrasings.append(" ".join(filter(None, ("the", desc[0], desc[2], "that is", desc[1]))))
-            yield Expr("attribute", tuple(members), tuple(phrasings), _pairs(desc))
+            yield Expr("attribute", tuple(members), tuple(phrasings), _pairs(desc), _attribute_template(desc))
 
 
 def _multi_exprs(index):
@@ -460,7 +483,8 @@ def _ref(ref_id, sent_ids, image_id, split, file_name, expr, sents, shapes, ann_
             "ann_id": [ann_ids[i] for i in targets] or [-1],
             "category_id": [SHAPES.index(shapes[i].shape) + 1 for i in targets] or [-1],
             "sentences": sentences, "sent_ids": [s["sent_id"] for s in sentences],
-            "no_target": not targets, "file_name": file_name, "novel": bool(named & novel)}
+            "no_target": not targets, "file_name": file_name, "novel": bool(named & novel),
+            "template": expr.template or KIND_TEMPLATES[expr.kind]}
 
 
 def _dump(path, obj):

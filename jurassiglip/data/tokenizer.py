@@ -9,7 +9,9 @@ which one it has.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,9 +65,7 @@ def tokenize(tokenizer, captions: list[str], max_len: int) -> tuple[torch.Tensor
     Returns:
         input_ids (B, L) long and attention_mask (B, L) long, L = max_len.
     """
-    texts = list(captions)
-    if tokenizer.init_kwargs.get("do_lower_case", False):
-        texts = [t.lower() for t in texts]
+    texts = [_as_tokenized(tokenizer, t) for t in captions]
     if tokenizer.pad_token_id is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no pad token; captions cannot be padded")
     encoded = tokenizer(texts, truncation=True, max_length=max_len, return_attention_mask=False)["input_ids"]
@@ -75,6 +75,62 @@ def tokenize(tokenizer, captions: list[str], max_len: int) -> tuple[torch.Tensor
         input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, :len(ids)] = 1
     return input_ids, attention_mask
+
+
+def _as_tokenized(tokenizer, caption: str) -> str:
+    """The caption as `tokenize` hands it to the tokenizer: lower-cased when the tokenizer says
+    `do_lower_case` (SigLIP2's does, but transformers' GemmaTokenizer does not apply it itself)."""
+    return caption.lower() if tokenizer.init_kwargs.get("do_lower_case", False) else caption
+
+
+@dataclass(frozen=True)
+class CaptionReading:
+    """What the model reads of one caption, in the terms a warning needs."""
+
+    unknown_words: list[str]  # words (whitespace-separated, as written) holding a token the tokenizer maps to unk
+    known_tokens: int         # tokens read (within max_len) that are neither special nor unknown
+    truncated: bool           # more than max_len tokens: the rest of the caption is not read
+
+
+def read_caption(tokenizer, caption: str, max_len: int) -> CaptionReading:
+    """Which words of `caption` the tokenizer does not know, and whether it knows any of what is read.
+
+    The same tokenizer call as `tokenize` (lower-casing, special tokens,
+    truncation to `max_len`), so it describes exactly what the model gets.
+    The tiny preset's word tokenizer maps every word outside the training
+    captions to <unk>; SigLIP2's falls back to bytes and knows every word,
+    so there "no known token" means a caption that tokenizes to EOS alone.
+    Unknown tokens that are only punctuation are not listed (they carry no
+    word), but they are not counted as known either.
+    """
+    text = _as_tokenized(tokenizer, caption)
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    read = tokenizer(text, truncation=True, max_length=max_len, return_offsets_mapping=tokenizer.is_fast)
+    ids = read["input_ids"]
+    content = [k for k, i in enumerate(ids) if i not in special]
+    unknown_at = [k for k in content if ids[k] == tokenizer.unk_token_id]  # none when there is no unk token
+    words: list[str] = []
+    if tokenizer.is_fast:  # offsets: the unknown tokens' places in the caption
+        source = caption if len(caption) == len(text) else text  # offsets index `text`; same length: same places
+        for k in unknown_at:
+            start, end = read["offset_mapping"][k]
+            if all(unicodedata.category(c).startswith("P") for c in text[start:end]):
+                continue
+            word = _word_around(source, start, end)
+            if word not in words:
+                words.append(word)
+    # one token more than is read tells a cut caption (and never trips the tokenizer's own too-long warning)
+    truncated = len(tokenizer(text, truncation=True, max_length=max_len + 1)["input_ids"]) > max_len
+    return CaptionReading(unknown_words=words, known_tokens=len(content) - len(unknown_at), truncated=truncated)
+
+
+def _word_around(text: str, start: int, end: int) -> str:
+    """The whitespace-separated word of `text` that holds text[start:end]."""
+    while start > 0 and not text[start - 1].isspace():
+        start -= 1
+    while end < len(text) and not text[end].isspace():
+        end += 1
+    return text[start:end]
 
 
 def caption_tokenizer(model: ModelConfig, tiny_dir: Path):

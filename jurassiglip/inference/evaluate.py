@@ -19,6 +19,7 @@ caption) and the metrics computed from it (metrics.py does the arithmetic).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -32,13 +33,14 @@ from jurassiglip.inference.predictor import Inference, Predictor
 log = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ["sample_id", "ref_id", "sent_id", "image_id", "split", "sentence", "kind", "novel",
-                 "gt_nt", "pred_nt", "nt_prob", "I", "U", "IoU", "area",
+                 "template", "gt_nt", "pred_nt", "nt_prob", "I", "U", "IoU", "area",
                  "shuffled_pred_nt", "shuffled_I", "shuffled_U", "shuffled_IoU",
                  "union_I", "union_U", "union_IoU"]
 
 
 def evaluate_split(predictor: Predictor, manifest: Manifest, split: str, *, resolution: str | int,
-                   batch_size: int, seed: int) -> pd.DataFrame:
+                   batch_size: int, seed: int,
+                   originals: Callable[[int], np.ndarray] | None = None, window_stride: float = 0.5) -> pd.DataFrame:
     """Per-sample results of the model and both baselines on one split.
 
     Args:
@@ -47,6 +49,9 @@ def evaluate_split(predictor: Predictor, manifest: Manifest, split: str, *, reso
             images are taken in order, so a pass holds at least one image's captions
             (twice: model and shuffled text).
         seed: permutation of the shuffled-text baseline.
+        originals: sliding-window inference (`Predictor.infer`'s full_images): image_index -> the
+            uint8 (H, W, 3) image at its own size. The manifest keeps images at the training size
+            only, so the caller reads them (benchmarks/sliding_window.py). window_stride: their step.
     """
     rows = manifest.split(split)
     sample_ids = rows["sample_id"].to_numpy()
@@ -60,13 +65,15 @@ def evaluate_split(predictor: Predictor, manifest: Manifest, split: str, *, reso
         owner = [k for k, idx in enumerate(chunk) for _ in by_image[idx]]
         sizes = [_size(manifest, sid, resolution) for sid in ids]
         texts = [manifest.samples.at[s, "sentence"] for s in ids] + [shuffled[s] for s in ids]
-        results = predictor.infer(manifest.images[chunk], texts, owner * 2, sizes * 2)
+        full = None if originals is None else [originals(idx) for idx in chunk]
+        results = predictor.infer(manifest.images[chunk], texts, owner * 2, sizes * 2, full_images=full,
+                                  window_stride=window_stride)
         _score(manifest, ids, results[:len(ids)], resolution, "model", records)
         _score(manifest, ids, results[len(ids):], resolution, "shuffled", records)
     table = pd.DataFrame.from_records(records)
     table = table.groupby("sample_id", sort=True).first().reset_index()
     meta = manifest.samples.loc[table["sample_id"], ["ref_id", "sent_id", "image_id", "split", "sentence", "kind",
-                                                     "novel"]].reset_index(drop=True)
+                                                     "novel", "template"]].reset_index(drop=True)
     table = pd.concat([table, meta], axis=1)
     return table[TABLE_COLUMNS]
 
@@ -135,6 +142,9 @@ def split_metrics(table: pd.DataFrame) -> dict[str, dict]:
     novel = table[table["novel"]]
     if len(novel):
         out["novel"] = score(novel)
+    templates = sorted(t for t in table["template"].unique() if t)  # "" for data without templates (gRefCOCO)
+    if templates:
+        out["template"] = {name: score(table[table["template"] == name]) for name in templates}
     out["baseline_shuffled_text"] = score(table, "shuffled_", "shuffled_pred_nt")
     out["baseline_union"] = score(table, "union_", "")
     return out

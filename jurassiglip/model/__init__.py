@@ -15,7 +15,8 @@ Shape legend, used in the `# (...)` comments of every module here:
     h    attention heads; hd = inner_dim / h, the width of one head
 
 Files, in reading order: towers.py (backbones -> tokens), lora.py (adapters),
-fusion.py (cross-attention), head.py (mask and no-target logits), model.py (composition),
+fusion.py (cross-attention), head.py (the prototype's mask head and the no-target head),
+decoder.py (the refinement decoder), model.py (composition), spec.py (what rebuilds a model),
 build.py (spec -> model, and back from a checkpoint), checkpoint.py (the checkpoint file format).
 """
 

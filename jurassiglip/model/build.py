@@ -9,6 +9,7 @@ a checkpoint (see checkpoint.py), its base towers read offline.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -17,13 +18,14 @@ from typing import Any
 import torch
 
 from jurassiglip.model import checkpoint
-from jurassiglip.config import RealPreset, TinyPreset
+from jurassiglip.config import DecoderConfig, RealPreset, TinyPreset
 from jurassiglip.data.tokenizer import load_tokenizer
+from jurassiglip.model.decoder import RefineHead
 from jurassiglip.model.fusion import CrossAttention
 from jurassiglip.model.head import NoTargetHead, SegHead
 from jurassiglip.model.lora import add_lora
 from jurassiglip.model.model import JurasSigLIP
-from jurassiglip.model.spec import ModelSpec
+from jurassiglip.model.spec import PROTOTYPE, ModelSpec
 from jurassiglip.model.towers import (TextTower, VisionTower, load_pretrained_text, load_pretrained_vision,
                                       tiny_dinov3, tiny_siglip2_text)
 
@@ -75,13 +77,36 @@ def build_model(spec: ModelSpec, *, lora: bool = True, revisions: dict[str, str 
     vision = VisionTower(vision_backbone, list(spec.image_mean), list(spec.image_std))
     text = TextTower(text_backbone, arch.shared_dim, mask_inside=arch.text_tower_mask)
     fusion = CrossAttention(dim=arch.shared_dim, inner_dim=arch.fusion_inner_dim, heads=arch.fusion_heads)
-    head = SegHead(dim=arch.shared_dim, hidden=arch.head_hidden)
+    head = build_decoder(spec.decoder, dim=arch.shared_dim, hidden=arch.head_hidden)
     no_target = NoTargetHead(dim=arch.shared_dim, hidden=arch.head_hidden)
     model = JurasSigLIP(vision, text, fusion, head, no_target, logit_scale_init=spec.logit_scale_init,
                         logit_scale_max=spec.logit_scale_max, image_size=arch.image_size)
     if not spec.embeds_base:
         model.base_revisions = commits  # read by checkpoint.base_sources when the model is saved
     return model
+
+
+def build_decoder(cfg: DecoderConfig, *, dim: int, hidden: int) -> SegHead | RefineHead:
+    """`model.decoder` -> the prototype's SegHead or a RefineHead (decoder.py)."""
+    if cfg.kind == "prototype":
+        return SegHead(dim=dim, hidden=hidden)
+    return RefineHead(dim=dim, hidden=hidden, blocks=cfg.blocks, guide_channels=cfg.guide_channels,
+                      guide_to_grid=cfg.guide_to_grid)
+
+
+def with_decoder(model: JurasSigLIP, spec: ModelSpec, cfg: DecoderConfig) -> ModelSpec:
+    """Give `model` the decoder `cfg` describes (a new, untrained one unless it has it already).
+
+    Stage 1 trains no head, so its model carries the prototype's; stage 2
+    trains the decoder params.yaml chooses on stage 1's towers. Returns the spec
+    of the model as it now is.
+    """
+    if cfg.kind == "prototype":
+        cfg = PROTOTYPE  # the refine knobs mean nothing to it: stage 1's head, weights and all, is kept
+    if cfg != spec.decoder:
+        device = next(model.parameters()).device
+        model.head = build_decoder(cfg, dim=spec.arch.shared_dim, hidden=spec.arch.head_hidden).to(device)
+    return dataclasses.replace(spec, decoder=cfg)
 
 
 def hub_commit(name_or_dir: str, revision: str | None, *, local_files_only: bool) -> str | None:

@@ -299,8 +299,9 @@ class TrainState:
 def load_latest(path: Path, fingerprint: str, best_path: Path | None = None) -> dict[str, Any] | None:
     """The resumable state in `path` if it exists, is readable and matches `fingerprint`.
 
-    A corrupt file or one from other params is reported and ignored (the run
-    starts over); it is never half-used. The best checkpoint it refers to
+    A missing file returns None quietly (the caller says when nothing at all is
+    resumable: training/resume.py). A corrupt file or one from other params is
+    reported in the log and passed over, never half-used. The best checkpoint it refers to
     (`best_path`, default BEST beside it) must be readable too: a resumed run
     that never improves again would otherwise finish with a broken best.
     """
@@ -309,15 +310,15 @@ def load_latest(path: Path, fingerprint: str, best_path: Path | None = None) -> 
     try:
         payload = load(path)
     except CheckpointError as err:
-        log.warning("%s; starting over", err)
+        log.warning("%s; not resumed", err)
         return None
     if payload.get("fingerprint") != fingerprint:
-        log.info("%s belongs to other params or inputs; starting over", path)
+        log.info("%s belongs to another run (other params, code or inputs): not resumed", path)
         return None
     if payload["state"]["best_epoch"] > 0:
         try:
             load(best_path or path.with_name(BEST))
         except CheckpointError as err:
-            log.warning("%s; the best weights of %s are lost, starting over", err, path)
+            log.warning("%s; the best weights of %s are lost: not resumed", err, path)
             return None
     return payload

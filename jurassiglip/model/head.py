@@ -26,9 +26,17 @@ class SegHead(nn.Module):
         hidden: hidden width of the MLP.
     """
 
+    needs_images = False
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def decode(self, tokens: torch.Tensor, grid: int, out_size: int, images: torch.Tensor | None,
+               text_tokens: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder interface (decoder.py `RefineHead.decode`): logits, and the tokens the no-target
+        head reads, here the fused tokens themselves; the image and the caption are not read again."""
+        return self(tokens, grid, out_size), tokens
 
     def forward(self, tokens: torch.Tensor, grid: int, out_size: int) -> torch.Tensor:
         """Score patches and upsample.

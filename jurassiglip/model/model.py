@@ -5,8 +5,11 @@ Data flow (see the shape legend in `jurassiglip.model`):
     images (B, 3, S, S) -> VisionTower -> patches (B, N, D), cls (B, D)
     ids, mask (B, L)    -> TextTower   -> tokens (B, L, D), mask (B, L), global (B, D)
     fused = patches + CrossAttention(patches, tokens, mask)            (B, N, D)
-    logits = SegHead(fused, grid, S)                                   (B, 1, S, S)
-    no_target_logit = NoTargetHead(fused)                              (B,)
+    logits, refined = head.decode(fused, grid, S, images, tokens, mask) (B, 1, S, S), (B, N, D)
+    no_target_logit = NoTargetHead(refined)                            (B,)
+
+The head is the decoder `model.decoder` chooses: the prototype's SegHead
+(per-patch MLP, refined = fused) or decoder.py's RefineHead.
 
 Stage 1 aligns normalised CLS and global text features (`contrastive_features`);
 stage 2 trains fusion and both heads on frozen, possibly cached, features
@@ -21,6 +24,7 @@ from peft import PeftModel
 from torch import nn
 
 from jurassiglip.model.fusion import CrossAttention
+from jurassiglip.model.decoder import RefineHead
 from jurassiglip.model.head import NoTargetHead, SegHead
 from jurassiglip.model.lora import merge_lora as merge_adapters
 from jurassiglip.model.towers import TextTower, VisionTower
@@ -33,7 +37,7 @@ class JurasSigLIP(nn.Module):
         vision: the image tower.
         text: the text tower; its projected width must equal the vision width.
         fusion: cross-attention from patches to text tokens.
-        head: the segmentation head.
+        head: the decoder: SegHead (prototype) or RefineHead.
         no_target: the no-target head (one logit per caption).
         logit_scale_init: initial contrastive logit scale, log space (CLIP: log(1/0.07)).
         logit_scale_max: upper clamp of the scale, log space (CLIP: log(100)).
@@ -47,7 +51,7 @@ class JurasSigLIP(nn.Module):
         vision: VisionTower,
         text: TextTower,
         fusion: CrossAttention,
-        head: SegHead,
+        head: SegHead | RefineHead,
         no_target: NoTargetHead,
         logit_scale_init: float,
         logit_scale_max: float,
@@ -113,22 +117,26 @@ class JurasSigLIP(nn.Module):
         text_tokens = text_tokens.to(dtype)  # (B, L, D)
         return patches + self.fusion(patches, text_tokens, text_mask)  # (B, N, D)
 
-    def decode(self, patches: torch.Tensor, text_tokens: torch.Tensor,
-               text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, patches: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+               images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """What stage 2 trains, from live or cached features: mask logits (B, 1, S, S) and
-        no-target logits (B,). Arguments as in `fuse`."""
+        no-target logits (B,). Arguments as in `fuse`; `images` (B, 3, S, S) in 0..255 are
+        read by a decoder with an image guide (`head.needs_images`) and ignored otherwise."""
         fused = self.fuse(patches, text_tokens, text_mask)  # (B, N, D)
-        return self.head(fused, self.grid, self.image_size), self.no_target(fused)
+        logits, refined = self.head.decode(fused, self.grid, self.image_size, images, text_tokens.to(fused.dtype),
+                                           text_mask)
+        return logits, self.no_target(refined)
 
-    def segment(self, patches: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """Mask logits (B, 1, S, S) only. Arguments as in `fuse`."""
-        return self.head(self.fuse(patches, text_tokens, text_mask), self.grid, self.image_size)
+    def segment(self, patches: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+                images: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask logits (B, 1, S, S) only. Arguments as in `decode`."""
+        return self.decode(patches, text_tokens, text_mask, images)[0]
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) and captions (B, L) -> mask logits (B, 1, S, S)."""
         patches, _ = self.encode_image(images)  # (B, N, D)
         tokens, mask, _ = self.encode_text(input_ids, attention_mask)  # (B, L, D), (B, L)
-        return self.segment(patches, tokens, mask)  # (B, 1, S, S)
+        return self.segment(patches, tokens, mask, images)  # (B, 1, S, S)
 
     def contrastive_features(
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor

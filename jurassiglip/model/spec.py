@@ -13,8 +13,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from jurassiglip.config import LoraConfig, Params, RealPreset, TinyPreset
+from jurassiglip.config import DecoderConfig, LoraConfig, Params, RealPreset, TinyPreset
 
+PROTOTYPE = DecoderConfig(kind="prototype", blocks=0, guide_channels=0, guide_to_grid=False)  # the notebook's head
 ARCHS: dict[str, type[TinyPreset] | type[RealPreset]] = {"tiny": TinyPreset, "real": RealPreset}
 
 
@@ -22,6 +23,7 @@ ARCHS: dict[str, type[TinyPreset] | type[RealPreset]] = {"tiny": TinyPreset, "re
 class ModelSpec:
     preset: Literal["tiny", "real"]
     arch: TinyPreset | RealPreset     # the preset's block of params.yaml's model section
+    decoder: DecoderConfig            # model.decoder: the prototype's head or the refinement decoder
     image_mean: tuple[float, ...]     # RGB, applied to pixels scaled to [0, 1]
     image_std: tuple[float, ...]
     lora: LoraConfig
@@ -44,7 +46,8 @@ class ModelSpec:
 
     @classmethod
     def from_params(cls, params: Params, tokenizer: Any) -> ModelSpec:
-        return cls(preset=params.model.preset, arch=params.model.arch, image_mean=tuple(params.model.image_mean),
+        return cls(preset=params.model.preset, arch=params.model.arch, decoder=params.model.decoder,
+                   image_mean=tuple(params.model.image_mean),
                    image_std=tuple(params.model.image_std), lora=params.lora, vocab_size=len(tokenizer),
                    pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                    eos_token_id=tokenizer.eos_token_id, logit_scale_init=params.pretrain.logit_scale_init,
@@ -58,12 +61,15 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelSpec:
-        """The inverse of `to_dict`.
+        """The inverse of `to_dict`. A spec without `decoder` (written before decoders were a
+        choice) is the prototype's.
 
         Raises:
             ValueError: a key missing or unknown, or an unknown preset, naming it.
         """
         fields = {f.name for f in dataclasses.fields(cls)}
+        if isinstance(values, dict) and "decoder" not in values:
+            values = {**values, "decoder": dataclasses.asdict(PROTOTYPE)}
         _same_keys("model spec", values, fields)
         preset = values["preset"]
         if preset not in ARCHS:
@@ -71,7 +77,9 @@ class ModelSpec:
         arch_type = ARCHS[preset]
         _same_keys(f"model spec arch ({preset})", values["arch"], {f.name for f in dataclasses.fields(arch_type)})
         _same_keys("model spec lora", values["lora"], {f.name for f in dataclasses.fields(LoraConfig)})
+        _same_keys("model spec decoder", values["decoder"], {f.name for f in dataclasses.fields(DecoderConfig)})
         return cls(**{**values, "arch": arch_type(**values["arch"]), "lora": LoraConfig(**values["lora"]),
+                      "decoder": DecoderConfig(**values["decoder"]),
                       "image_mean": tuple(values["image_mean"]), "image_std": tuple(values["image_std"])})
 
 

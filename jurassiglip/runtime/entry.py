@@ -6,6 +6,12 @@ Under torchrun, `main` loads params, joins the process group (with
 `launcher.timeout_s` as its collective timeout) and gives ranks other than 0
 a tracker that records nothing (see distributed.py).
 
+A stage stopped by bad input (`stage_errors`: a bad gRefCOCO file, a
+missing or wrong checkpoint, params that do not fit the data, a loss that
+is no longer finite) logs one line naming the file, key or step and exits
+with 2, like invalid params; its MLflow run is FAILED with the message as
+the tag `error`.
+
 SIGTERM (what torchrun sends the other ranks when one fails, and what job
 schedulers and `kill` send) stops a stage the way Ctrl-C does: the stage
 unwinds, its MLflow run is marked KILLED, and it exits with 128 + 15.
@@ -58,6 +64,20 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated(signum)
 
 
+def stage_errors() -> tuple[type[BaseException], ...]:
+    """What stops a stage for a reason its message says in full: bad inputs, not bugs.
+
+    A stage that raises one of these logs the message as one line and exits
+    with 2, as for invalid params; anything else keeps its traceback.
+    """
+    from jurassiglip.data.refs import DataError
+    from jurassiglip.model.checkpoint import CheckpointError
+    from jurassiglip.training.features import NonFiniteFeatures
+    from jurassiglip.training.loop import NonFiniteLoss
+
+    return ConfigError, DataError, CheckpointError, NonFiniteLoss, NonFiniteFeatures
+
+
 def entry(name: str, run: Callable[..., None]) -> Callable[[], None]:
     """Build the `main()` of a stage module: params -> tracker -> run(params, tracker)."""
 
@@ -102,6 +122,10 @@ def _main(name: str, run: Callable[..., None]) -> None:
                 seconds = time.perf_counter() - start
                 tracker.log_resources({"wall_seconds": seconds, "peak_rss_mb": peak_rss_mb()})
         except TrackingError as err:  # the store cannot take the run: raised before any work
+            log.error("%s", err)
+            raise SystemExit(2) from None
+        except stage_errors() as err:  # the run is FAILED with the message as its `error` tag (Tracker.open)
+            log.debug("%s: where it was raised", name, exc_info=True)
             log.error("%s", err)
             raise SystemExit(2) from None
         log.info("%s: done in %.1f s, peak RSS %.0f MB", name, seconds, peak_rss_mb())

@@ -1,7 +1,11 @@
 """One Tracker per stage run: the MLflow run and the stage's DVC files together.
 
 Where runs go: `MLFLOW_TRACKING_URI` when set (a team server), else a sqlite
-store `mlflow.db` at the repository root with an absolute URI. DVC runs
+store `mlflow.db` at the repository root with an absolute URI. Before any
+work the store is checked (`check_store`): a sqlite file must take a write,
+a server must answer one request within JURASSIGLIP_TRACKING_TIMEOUT
+seconds (5 by default), so a server that is down is reported in seconds
+rather than after MLflow's minutes of retries. DVC runs
 queued and temporary experiments in copies under `.dvc/tmp/exps/...`; the
 root is resolved through those copies so that every experiment lands in the
 one store a user opens with `mlflow ui`.
@@ -35,7 +39,9 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
+import re
 import sqlite3
 import subprocess
 import time
@@ -54,6 +60,8 @@ log = logging.getLogger(__name__)
 
 STORE_NAME = "mlflow.db"
 STORE_LOCK_WAIT = 5.0  # seconds a sqlite write waits for another process's lock (sqlite's default)
+SERVER_TIMEOUT = 5.0  # seconds a stage waits for a tracking server's first answer before it gives up
+SERVER_TIMEOUT_ENV = "JURASSIGLIP_TRACKING_TIMEOUT"  # overrides SERVER_TIMEOUT (a slow link, a far server)
 ARTIFACTS_NAME = "mlartifacts"
 EXPS_MARKER = (".dvc", "tmp", "exps")
 PARENT_ENV = "JURASSIGLIP_PARENT_RUN_ID"
@@ -176,6 +184,8 @@ class Tracker:
             yield tracker
         except BaseException as err:
             status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"  # Ctrl-C or SIGTERM: KILLED
+            if status == "FAILED":  # what stopped it, on the run, as for invalid params (record_failure)
+                client.set_tag(run_id, "error", _first_line(err)[:5000])
             client.set_terminated(run_id, status)
             client.set_terminated(parent_id, status)
             raise
@@ -270,18 +280,22 @@ class NullTracker:
 
 
 def check_store(uri: str) -> None:
-    """Fail fast, naming the file, when a sqlite store cannot take a write.
+    """Fail fast, naming the file or server, when the store cannot take the run.
 
     MLflow itself would retry opening an unusable sqlite file for about 100 s
     and then report a bare sqlalchemy error. A write transaction that is rolled
     back tells a read-only file or folder apart from a store that another
     process keeps locked; a lock is waited for up to STORE_LOCK_WAIT seconds
-    (sqlite's busy timeout) before giving up. Other stores (a team's server)
-    are checked by their first request.
+    (sqlite's busy timeout) before giving up. A tracking server (http, https)
+    gets one request (`check_server`). Other stores are checked by their
+    first request.
 
     Raises:
-        TrackingError: the store cannot be created, written, or locked for writing.
+        TrackingError: the store cannot be created, written, or locked for writing; the server does not answer.
     """
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+        return
     if not uri.startswith("sqlite:///"):
         return
     path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
@@ -301,6 +315,54 @@ def check_store(uri: str) -> None:
         else:
             why = f"cannot be written ({err}): make the file and its folder writable, or set MLFLOW_TRACKING_URI"
         raise TrackingError(f"MLflow store {path} {why}") from None
+
+
+def check_server(uri: str) -> None:
+    """One request to a tracking server, without retries: no answer within the timeout stops the stage.
+
+    MLflow retries a request that fails to connect (MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    7 by default, with backoff: about four minutes) and waits up to
+    MLFLOW_HTTP_REQUEST_TIMEOUT (120 s) for each answer, so a server that is
+    down would only be reported minutes later, and again when a params error
+    is recorded. Any HTTP answer, even an error status or a TLS handshake
+    that MLflow's own settings may accept, counts as reachable.
+
+    Raises:
+        TrackingError: refused, unresolvable or silent for SERVER_TIMEOUT_ENV seconds (default SERVER_TIMEOUT).
+    """
+    import requests
+
+    timeout = server_timeout()
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout, allow_redirects=False)
+    except requests.exceptions.SSLError:
+        return  # it answered; whether its certificate is accepted is MLflow's settings' business
+    except requests.exceptions.Timeout:
+        raise TrackingError(f"MLflow store {uri}: the tracking server did not answer within {timeout:g} s; "
+                            f"{_store_hint(uri)}") from None
+    except requests.exceptions.RequestException as err:
+        raise TrackingError(f"MLflow store {uri}: cannot reach the tracking server ({_os_reason(err)}); "
+                            f"{_store_hint(uri)}") from None
+
+
+def server_timeout() -> float:
+    """Seconds `check_server` waits: SERVER_TIMEOUT_ENV if set, else SERVER_TIMEOUT."""
+    raw = os.environ.get(SERVER_TIMEOUT_ENV, "")
+    if not raw:
+        return SERVER_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise TrackingError(f"{SERVER_TIMEOUT_ENV} = {raw!r} must be a number of seconds > 0")
+    return value
+
+
+def _os_reason(err: BaseException) -> str:
+    """The operating system's words inside a requests error ("[Errno 111] Connection refused"), else its type."""
+    found = re.search(r"\[Errno -?\d+\] [^'\")]+", str(err))
+    return found.group(0) if found else type(err).__name__
 
 
 def record_failure(stage: str, error: BaseException, params_file: str | Path = PARAMS_FILE) -> str | None:
@@ -391,8 +453,8 @@ def _first_line(err: BaseException) -> str:
 
 def _store_hint(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
-        return ("is the tracking server running and reachable? MLFLOW_TRACKING_URI picks the server; "
-                "MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT bound MLflow's retries")
+        return (f"is the tracking server running and reachable? MLFLOW_TRACKING_URI picks the server, "
+                f"{SERVER_TIMEOUT_ENV} the seconds to wait for it (default {SERVER_TIMEOUT:g})")
     return "check MLFLOW_TRACKING_URI, or unset it for the sqlite store at the repository root"
 
 

@@ -38,7 +38,7 @@ from jurassiglip.data.manifest import Manifest
 from jurassiglip.runtime.env import autocast
 from jurassiglip.training.losses import clip_loss, sigmoid_loss
 from jurassiglip.model.model import JurasSigLIP
-from jurassiglip.training.loop import Batch, EpochBatches, Objective, backward_step
+from jurassiglip.training.loop import Batch, EpochBatches, Objective, backward_step, check_split_sizes
 from jurassiglip.model.spec import ModelSpec
 
 
@@ -46,6 +46,17 @@ def contrastive_samples(manifest: Manifest, split: str) -> tuple[np.ndarray, np.
     """Sample ids and image indices of the targeted captions of `split`."""
     rows = manifest.samples[(manifest.samples["split"] == split) & ~manifest.samples["no_target"]]
     return rows["sample_id"].to_numpy(), rows["image_index"].to_numpy()
+
+
+def check_splits(manifest: Manifest, cfg: PretrainConfig, train_split: str, val_split: str) -> None:
+    """Refuse missing or empty splits and a batch larger than the training split, before any model is built.
+
+    An epoch draws one targeted caption per image (see `contrastive_samples`).
+    """
+    sizes = {split: len(np.unique(contrastive_samples(manifest, split)[1])) for split in (train_split, val_split)}
+    check_split_sizes(manifest.root, set(manifest.samples["split"]), sizes, "images with a targeted caption",
+                      train_split=train_split, val_split=val_split, batch_key="pretrain.batch_size",
+                      batch_size=cfg.batch_size, world_size=distributed.world_size())
 
 
 def contrastive_outputs(model: JurasSigLIP, images: torch.Tensor, input_ids: torch.Tensor,

@@ -280,7 +280,8 @@ class CachedSegDataset(BatchDataset):
     """Stage-2 batches from the cache: patch tokens, text tokens, mask, target, no-target flag.
 
     A batch holds sample_id (B,), patches fp16 (B, N, D), text fp16 (B, L', D),
-    text_mask bool (B, L'), target bool (B, 1, S, S) and no_target bool (B,);
+    text_mask bool (B, L'), image uint8 (B, 3, S, S) (for a decoder that reads
+    the image again), target bool (B, 1, S, S) and no_target bool (B,);
     L' is the cache's trimmed text length (see the module docstring).
     """
 
@@ -305,6 +306,7 @@ class CachedSegDataset(BatchDataset):
             "patches": torch.from_numpy(self.cache.patches[image_rows]),      # (B, N, D) fp16
             "text": torch.from_numpy(self.cache.text[sample_rows]),           # (B, L', D) fp16
             "text_mask": torch.from_numpy(self.cache.text_mask[sample_rows]),  # (B, L')
+            "image": torch.from_numpy(self.manifest.images[self.image_index[sample_ids]]).permute(0, 3, 1, 2),
             "target": target_masks(self.manifest, sample_ids),                 # (B, 1, S, S) bool
             "no_target": torch.from_numpy(self.no_target[sample_ids]),        # (B,)
         }

@@ -6,9 +6,10 @@ batches, the loss of a batch, the training step, and what the checkpoint
 holds. The loop knows nothing else of either stage. It owns the epochs,
 validation, early stopping on validation loss, AdamW and its learning-rate
 schedule, best and latest checkpoints written atomically (format:
-checkpoint.py), resume from the latest one, bf16 autocast on CUDA (fp32 on
-CPU; env.py), one progress line every N steps, and a loud stop on a
-non-finite loss.
+checkpoint.py), resume from the latest one of the same run (in the output
+folder or the resume copy that survives `dvc exp run`: resume.py), bf16
+autocast on CUDA (fp32 on CPU; env.py), one progress line every N steps, and
+a loud stop on a non-finite loss.
 
 Under torchrun (see distributed.py) every rank runs this loop on its shard:
 the losses it reports are averaged over ranks, so every rank takes the same
@@ -23,7 +24,7 @@ import logging
 import math
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,10 +37,11 @@ from jurassiglip.model import checkpoint
 
 from jurassiglip.runtime import distributed
 from jurassiglip.model.checkpoint import TrainState
-from jurassiglip.config import FinetuneConfig, PretrainConfig
+from jurassiglip.config import ConfigError, FinetuneConfig, PretrainConfig
 from jurassiglip.data.datasets import EpochSampler, batch_loader
 from jurassiglip.runtime.env import autocast
 from jurassiglip.runtime.tracking import StageTracker
+from jurassiglip.training.resume import ResumePlaces
 
 log = logging.getLogger(__name__)
 
@@ -168,15 +170,44 @@ class EpochBatches:
                             num_workers=self.num_workers)
 
 
+def check_split_sizes(manifest_root: Path, present: Collection[str], sizes: Mapping[str, int], unit: str, *,
+                      train_split: str, val_split: str, batch_key: str, batch_size: int, world_size: int) -> None:
+    """Refuse, before any model is built, splits the manifest lacks or leaves empty, and a batch larger than
+    the training split (stage 1 drops the last partial batch, so it would have no step at all).
+
+    Args:
+        present: the splits the manifest holds.
+        sizes: for the training and the validation split, the items an epoch draws (the stage's sampler).
+        unit: what an item is, for the message ("captions", "images with a targeted caption").
+        batch_key, batch_size: the global batch and its params key.
+        world_size: ranks; each draws sizes // world_size items in batches of batch_size // world_size.
+
+    Raises:
+        ConfigError: naming the params key, its value and the manifest.
+    """
+    for key, split in (("data.train_split", train_split), ("data.val_split", val_split)):
+        if split not in present:
+            raise ConfigError(f"{key} = {split!r} is not a split of the manifest {manifest_root} (it holds "
+                              f"{sorted(present)}): rebuild it (dvc repro build_manifest)")
+        if sizes[split] // world_size == 0:
+            raise ConfigError(f"{key} = {split!r} has {sizes[split]} {unit} in the manifest {manifest_root}: "
+                              f"too few to train on {world_size} rank(s)")
+    if batch_size // world_size > sizes[train_split] // world_size:
+        raise ConfigError(f"{batch_key} = {batch_size} is larger than the training split {train_split!r} "
+                          f"({sizes[train_split]} {unit} in {manifest_root}): lower {batch_key}")
+
+
 def fit(objective: Objective, settings: LoopSettings, ckpt_dir: Path, run_fingerprint: str,
         tracker: StageTracker) -> FitResult:
-    """Train until `settings.epochs` or early stopping; resume from ckpt_dir's latest checkpoint when it matches.
+    """Train until `settings.epochs` or early stopping; resume the latest checkpoint of the same run.
 
     Args:
         objective: the model, its batches, loss and training step, and what its checkpoint holds.
         ckpt_dir: gets best.safetensors, `objective.checkpoint_payload()` of the best validation epoch
             (inference needs nothing else), and latest.safetensors, that of the last epoch with the
-            optimizer, RNG and TrainState added (a resume needs nothing else).
+            optimizer, RNG and TrainState added (a resume needs nothing else). In a DVC repository
+            both are also copied to the run's resume copy (resume.py), where `dvc exp run` cannot
+            delete them; the run resumes from whichever of the two got further.
         run_fingerprint: from `codedeps.fingerprint(...)`; a latest checkpoint of another fingerprint is not resumed.
         tracker: gets the loss curve, one row per epoch (from rank 0 only).
     """
@@ -188,20 +219,25 @@ def fit(objective: Objective, settings: LoopSettings, ckpt_dir: Path, run_finger
     latest_path, best_path = ckpt_dir / checkpoint.LATEST, ckpt_dir / checkpoint.BEST
     state = TrainState(epoch=0, best_val=math.inf, best_epoch=0, bad_epochs=0, history=[])
     start_val, resumed_from = math.nan, 0
-    resume = checkpoint.load_latest(latest_path, run_fingerprint)
-    distributed.check_same(-1 if resume is None else resume["state"]["epoch"],
-                           f"the epoch to resume from ({latest_path})")
-    if resume is not None:
-        checkpoint.load_weights(latest_path, model, resume)
+    places = ResumePlaces(ckpt_dir, run_fingerprint)
+    found = places.find()
+    resume = None if found is None else found.payload
+    distributed.check_same(-1 if found is None else found.epoch, f"the epoch to resume from ({latest_path})")
+    if found is not None:
+        resume_path = found.folder / checkpoint.LATEST
+        checkpoint.load_weights(resume_path, model, resume)
         optimizer.load_state_dict(resume["optimizer"])
         state = TrainState(**resume["state"])
+        # the checkpoint's JSON has sorted keys: back to the column order an uninterrupted run writes
+        state.history = [_curve_row(row) for row in state.history]
         start_val, resumed_from = resume["start_val_loss"], state.epoch
         torch.set_rng_state(resume["torch_rng"])
         if dev.type == "cuda" and resume.get("cuda_rng") is not None:  # DINOv3's RoPE augmentation draws on the GPU
             torch.cuda.set_rng_state(resume["cuda_rng"], dev)
         log.info("resuming from %s after epoch %d (best val %.4f at epoch %d)",
-                 latest_path, state.epoch, state.best_val, state.best_epoch)
+                 resume_path, state.epoch, state.best_val, state.best_epoch)
         if is_main:
+            places.restore(found)
             tracker.restore_epochs("loss", state.history)
     else:
         start_val = evaluate_loss(objective, settings.max_val_batches)
@@ -239,10 +275,17 @@ def fit(objective: Objective, settings: LoopSettings, ckpt_dir: Path, run_finger
                 "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
                 "fingerprint": run_fingerprint,
             })
+            places.keep_copy([checkpoint.BEST, checkpoint.LATEST] if improved else [checkpoint.LATEST])
     if stopped_early:
         log.info("early stop: no val improvement for %d epochs", settings.patience)
     return FitResult(start_val_loss=start_val, best_val_loss=state.best_val, best_epoch=state.best_epoch,
                      epochs_run=state.epoch, stopped_early=stopped_early, resumed_from_epoch=resumed_from)
+
+
+def _curve_row(row: dict[str, float]) -> dict[str, float]:
+    """A loss-curve row in the loop's column order: epoch, train_loss, val_loss, then the objective's extras."""
+    first = ("epoch", "train_loss", "val_loss")
+    return {**{key: row[key] for key in first}, **{key: value for key, value in row.items() if key not in first}}
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from jurassiglip.data.manifest import Manifest
 from jurassiglip.training.features import CachedSegDataset, build_cache
 from jurassiglip.training.losses import no_target_loss, segmentation_loss
 from jurassiglip.model.model import JurasSigLIP
-from jurassiglip.training.loop import Batch, EpochBatches, Objective
+from jurassiglip.training.loop import Batch, EpochBatches, Objective, check_split_sizes
 from jurassiglip.model.spec import ModelSpec
 
 
@@ -40,14 +40,26 @@ def split_ids(manifest: Manifest, split: str) -> np.ndarray:
     return manifest.samples.loc[manifest.samples["split"] == split, "sample_id"].to_numpy()
 
 
-Decode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+def check_splits(manifest: Manifest, cfg: FinetuneConfig, train_split: str, val_split: str) -> None:
+    """Refuse missing or empty splits and a batch larger than the training split, before any model is built.
+
+    An epoch draws every caption of the split (`split_ids`), no-target ones included.
+    """
+    sizes = {split: len(split_ids(manifest, split)) for split in (train_split, val_split)}
+    check_split_sizes(manifest.root, set(manifest.samples["split"]), sizes, "captions", train_split=train_split,
+                      val_split=val_split, batch_key="finetune.batch_size", batch_size=cfg.batch_size,
+                      world_size=distributed.world_size())
+
+
+Decode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def stage2_loss(decode: Decode, cfg: FinetuneConfig, patches: torch.Tensor, tokens: torch.Tensor,
                 text_mask: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mask loss + weighted no-target loss of one batch of features (B, N, D), (B, L, D), (B, L)."""
+    """Mask loss + weighted no-target loss of one batch of features (B, N, D), (B, L, D), (B, L)
+    and its images (batch["image"], read by a decoder with an image guide)."""
     dev = patches.device
-    logits, nt_logits = decode(patches, tokens, text_mask)  # (B, 1, S, S), (B,)
+    logits, nt_logits = decode(patches, tokens, text_mask, batch["image"].to(dev))  # (B, 1, S, S), (B,)
     loss = segmentation_loss(logits, batch["target"].to(dev), dice_weight=cfg.dice_weight,
                              focal_weight=cfg.focal_weight, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
     if cfg.no_target_weight:

@@ -17,7 +17,8 @@ from jurassiglip.data.tokenizer import load_tokenizer, tokenize
 from jurassiglip.inference.evaluate import evaluate_split, split_metrics
 from jurassiglip.model.build import build_model
 from jurassiglip.model.spec import ModelSpec
-from jurassiglip.inference.predictor import Decision, Predictor
+from jurassiglip.inference.decision import Decision
+from jurassiglip.inference.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def reference(predictor: Predictor, manifest: Manifest, sample_id: int) -> tuple
         patches, _ = model.encode_image(image)
         ids, mask = tokenize(predictor.tokenizer, [row["sentence"]], predictor.text_max_len)
         tokens, mask, _ = model.encode_text(ids, mask)
-        logits, nt_logit = model.decode(patches, tokens, mask)  # (1, 1, S, S), (1,)
+        logits, nt_logit = model.decode(patches, tokens, mask, image)  # (1, 1, S, S), (1,)
         size = (int(row["height"]), int(row["width"]))
         prob = torch.sigmoid(F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False))[0, 0]
     pred = (prob > decision.mask_threshold).numpy()

@@ -20,7 +20,8 @@ from jurassiglip.config import params_from_dict
 from jurassiglip.data.tokenizer import load_tokenizer
 from jurassiglip.model.build import build_model
 from jurassiglip.model.spec import ModelSpec
-from jurassiglip.inference.predictor import Decision, Predictor
+from jurassiglip.inference.decision import Decision, DecisionError
+from jurassiglip.inference.predictor import Predictor, caption_warnings
 
 AREA = Decision(mask_threshold=0.5, no_target_rule="area", no_target_min_area=0.002, no_target_threshold=0.5)
 
@@ -233,3 +234,73 @@ def test_cli_without_params_nor_flags_asks_for_the_flags(ckpt, tmp_path, monkeyp
     assert code == 2 and "\n" not in record.getMessage()
     assert record.getMessage().endswith("give --no-target-rule --no-target-min-area --no-target-threshold")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, value, why", [
+    ("mask_threshold", 5.0, "must be a probability in (0, 1)"),
+    ("mask_threshold", float("nan"), "must be a probability in (0, 1)"),  # every comparison with NaN is False
+    ("mask_threshold", 1.0, "must be a probability in (0, 1)"),
+    ("no_target_threshold", -1.0, "must be a probability in (0, 1)"),
+    ("no_target_threshold", True, "must be a probability in (0, 1)"),
+    ("no_target_min_area", 1.0, "must be a fraction in [0, 1)"),
+    ("no_target_min_area", "0.1", "must be a fraction in [0, 1)"),
+])
+def test_decision_refuses_thresholds_out_of_range_naming_them(name, value, why):
+    values = {"mask_threshold": 0.5, "no_target_rule": "head", "no_target_min_area": 0.01, "no_target_threshold": 0.5}
+    with pytest.raises(DecisionError) as err:
+        Decision(**{**values, name: value})
+    assert (err.value.name, err.value.why) == (name, why)
+    assert str(err.value) == f"{name} = {value!r} {why}"
+
+
+def test_decision_takes_the_ranges_params_yaml_allows():
+    Decision(np.float32(0.4), "area", 0.0, 0.999)  # numpy numbers; no minimum area: the area rule never says none
+
+
+def test_caption_warnings_with_the_word_tokenizer(micro_data):
+    tokenizer = load_tokenizer(micro_data / "tokenizer")
+    assert "the" in tokenizer.get_vocab() and "zorgle" not in tokenizer.get_vocab()
+    assert caption_warnings(tokenizer, "The", 8) == ([], [])  # lower-cased by the tokenizer: known
+    assert caption_warnings(tokenizer, "the zorgle!", 8) == (["zorgle!"], ["unknown words, read as <unk>: 'zorgle!'"])
+    words, (warning,) = caption_warnings(tokenizer, "🦖🦖 zorgle", 8)
+    assert words == ["🦖🦖", "zorgle"]
+    assert warning == ("no known word: the tokenizer knows none of its words ('🦖🦖', 'zorgle'), "
+                       "so the answer does not depend on the caption")
+    assert caption_warnings(tokenizer, "the " * 9, 8) == (
+        [], ["longer than the 8 tokens the model reads: the rest is ignored"])
+
+
+def test_caption_warnings_with_a_siglip2_format_tokenizer():
+    """Gemma's tokenizer cuts unknown words into pieces: the whole word is named. SigLIP2 adds EOS: a
+    caption of which only EOS is read (here text_max_len 1) knows no word either."""
+    from real_format import train_siglip2_tokenizer
+
+    tokenizer = train_siglip2_tokenizer(["the red circle", "all blue squares", "the yellow star on the left"])
+    assert caption_warnings(tokenizer, "The red circle", 16) == ([], [])
+    words, warnings = caption_warnings(tokenizer, "the red zorgle", 16)
+    assert words == ["zorgle"] and warnings == ["unknown words, read as <unk>: 'zorgle'"]
+    assert caption_warnings(tokenizer, "🦖", 16)[1][0].startswith("no known word")
+    words, warnings = caption_warnings(tokenizer, "red", 1)
+    assert words == [] and warnings == [
+        "no known word: the tokenizer knows none of its words (it gives only special tokens), so the answer "
+        "does not depend on the caption", "longer than the 1 tokens the model reads: the rest is ignored"]
+
+
+def test_predictions_carry_the_unknown_words_and_their_warning(predictor, caplog):
+    with caplog.at_level(logging.WARNING):
+        known, unknown = predictor.predict(Image.new("RGB", (16, 16)), ["the", "🦖🦖"])
+    assert (known.unknown_words, known.warnings) == ([], [])
+    assert unknown.unknown_words == ["🦖🦖"] and unknown.warnings[0].startswith("no known word")
+    assert [r.getMessage() for r in caplog.records] == [f"caption '🦖🦖': {unknown.warnings[0]}"]
+
+
+def test_a_path_is_read_upright_an_image_object_as_given(predictor, tmp_path):
+    stored = np.zeros((10, 30, 3), np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # turn 90° counter-clockwise to view
+    Image.fromarray(stored).save(tmp_path / "tagged.png", exif=exif.tobytes())
+    (from_path,) = predictor.predict(tmp_path / "tagged.png", ["the"])
+    assert from_path.mask.shape == (30, 10)
+    with Image.open(tmp_path / "tagged.png") as opened:
+        (from_object,) = predictor.predict(opened, ["the"])
+    assert from_object.mask.shape == (10, 30)

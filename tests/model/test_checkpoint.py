@@ -78,6 +78,7 @@ def real_spec(real_dirs):
     params["model"]["preset"] = "real"
     params["model"]["real"].update(vision_name=str(vision), text_name=str(text), image_size=64, text_max_len=16,
                                    shared_dim=32, fusion_inner_dim=32, head_hidden=16)
+    params["model"]["decoder"]["kind"] = "prototype"  # the head `trained_count` counts
     return ModelSpec.from_params(params_from_dict(params), load_tokenizer(text))
 
 

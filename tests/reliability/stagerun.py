@@ -186,6 +186,24 @@ def run_in_process(root: Path, *stages: str, **env: str) -> None:
             importlib.import_module(f"stages.{stage}").main()
 
 
+def stage_refusal(root: Path, stage: str, caplog: pytest.LogCaptureFixture, **env: str) -> str:
+    """Run a stage that bad input must stop: exit code 2 and one logged error line, no traceback; the line.
+
+    The whole log (INFO and up) stays in `caplog` for the caller to check what did not happen.
+    """
+    import logging
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as exit_info:
+        run_in_process(root, stage, **env)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert exit_info.value.code == 2, caplog.text
+    assert len(errors) == 1 and errors[0].exc_info is None, caplog.text
+    line = errors[0].getMessage()
+    assert "\n" not in line, line
+    return line
+
+
 def stage_runs(root: Path, stage: str) -> list:
     """The MLflow runs of one stage in the project's own store, oldest first."""
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")

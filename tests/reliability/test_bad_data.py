@@ -3,8 +3,9 @@
 Each case edits a copy of the reference run's manifest by hand, as a user
 might (a column dropped, a dtype changed, an array from another build), then
 runs the real training stage entry. The stage must fail in Manifest.load,
-before any checkpoint or feature cache exists, and its MLflow run must say
-FAILED.
+before any checkpoint or feature cache exists, in one line naming the file
+(exit code 2), and its MLflow run must say FAILED with that line as its
+`error` tag.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from stagerun import project_like, run_in_process, stage_runs
-
-from jurassiglip.data.refs import DataError
+from stagerun import project_like, stage_refusal, stage_runs
 
 MANIFEST = "data/build_manifest/manifest"
 
@@ -78,14 +77,14 @@ CASES = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, damage, message", CASES, ids=[f"{s}-{m[:40]}" for s, _, m in CASES])
-def test_damaged_manifest_stops_the_stage_at_load_time(reference_run, tmp_path, stage, damage, message):
+def test_damaged_manifest_stops_the_stage_at_load_time(reference_run, tmp_path, caplog, stage, damage, message):
     upstream = ["build_manifest"] + (["contrastive_pretrain"] if stage == "seg_finetune" else [])
     root = project_like(reference_run.root, tmp_path / "project", *upstream)
     damage(root)
-    with pytest.raises(DataError) as err:
-        run_in_process(root, stage)
-    assert message in str(err.value)
-    assert str(root / MANIFEST) in str(err.value) or MANIFEST in str(err.value)  # names the file
+    line = stage_refusal(root, stage, caplog)  # exit 2, one line
+    assert message in line
+    assert str(root / MANIFEST) in line or MANIFEST in line  # names the file
     assert not (root / "data" / stage / "checkpoints").exists()
     assert not (root / "data" / stage / "features").exists()
-    assert [r.info.status for r in stage_runs(root, stage)] == ["FAILED"]
+    (run,) = stage_runs(root, stage)
+    assert run.info.status == "FAILED" and run.data.tags["error"] == f"DataError: {line}"

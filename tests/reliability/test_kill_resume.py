@@ -13,20 +13,19 @@ resume tests fail.
 Corrupt checkpoints: a truncated latest or best checkpoint makes the resume start
 over, with a log line naming the file, and still end at the uninterrupted
 result; a truncated upstream best checkpoint stops the next stage before any work
-with an error naming the file.
+with one line naming the file (exit code 2).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import subprocess
 
 import pytest
 from mlflow.tracking import MlflowClient
 from stagerun import (PYTHON, assert_same_weights, clone_project, kill_when, metrics, project_like, run_in_process,
-                      stage_env, stage_runs)
+                      stage_env, stage_refusal, stage_runs)
 
 from jurassiglip.model import checkpoint
 
@@ -110,14 +109,15 @@ def test_truncated_checkpoint_starts_over_with_a_message_and_same_result(killed,
     ("seg_finetune", "data/contrastive_pretrain/checkpoints/best.safetensors"),
     ("evaluate", "data/seg_finetune/checkpoints/best.safetensors"),
 ])
-def test_truncated_upstream_checkpoint_stops_the_next_stage_naming_the_file(reference_run, tmp_path, stage,
+def test_truncated_upstream_checkpoint_stops_the_next_stage_naming_the_file(reference_run, tmp_path, caplog, stage,
                                                                             upstream):
     root = project_like(reference_run.root, tmp_path / "project", "build_manifest", "contrastive_pretrain",
                         "seg_finetune")
     path = root / upstream
     path.write_bytes(path.read_bytes()[:1000])
     before = files(root)
-    with pytest.raises(checkpoint.CheckpointError, match=re.escape(f"{upstream}: not a readable checkpoint")):
-        run_in_process(root, stage)
+    line = stage_refusal(root, stage, caplog)  # exit 2, one line
+    assert f"{upstream}: not a readable checkpoint" in line
     assert files(root) == before  # no work done
-    assert [r.info.status for r in stage_runs(root, stage)] == ["FAILED"]
+    (run,) = stage_runs(root, stage)
+    assert run.info.status == "FAILED" and run.data.tags["error"] == f"CheckpointError: {line}"

@@ -21,7 +21,8 @@ from PIL import Image
 
 from jurassiglip.cli import main as cli
 from jurassiglip.config import load_params
-from jurassiglip.inference.predictor import Decision, Predictor
+from jurassiglip.inference.decision import Decision
+from jurassiglip.inference.predictor import Predictor
 
 NON_ASCII = ["der rote Kreis oben", "红色的圆", "l'étoile jaune à gauche 🦕"]
 LONG = "the big red circle to the left of the small blue square " * 300  # ~17k characters, far above text_max_len

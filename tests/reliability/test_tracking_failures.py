@@ -1,7 +1,8 @@
 """An MLflow store that cannot take the run stops the stage at its start, with a clear error, before any work.
 
-Cases: a tracking server that is not there (MLFLOW_TRACKING_URI, as a team
-sets it), a read-only sqlite file, a read-only folder for a new store, and a
+Cases: a tracking server that is not there or does not answer
+(MLFLOW_TRACKING_URI, as a team sets it; one request, JURASSIGLIP_TRACKING_TIMEOUT
+seconds, instead of MLflow's minutes of retries), a read-only sqlite file, a read-only folder for a new store, and a
 store another process keeps locked. The stage is build_manifest through its
 real entry, so "before any work" means: no synthetic data generated, no
 manifest written. Plus the opposite direction: every number of every stage
@@ -23,12 +24,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from stagerun import make_project, metrics, run_in_process
 
 from jurassiglip.config import flatten
 from jurassiglip.runtime.paths import STAGES
-from jurassiglip.runtime.tracking import STORE_LOCK_WAIT, TrackingError, check_store
+from jurassiglip.runtime.tracking import SERVER_TIMEOUT_ENV, STORE_LOCK_WAIT, TrackingError, check_store
 
 
 def closed_port() -> int:
@@ -75,13 +77,55 @@ def start_stage(root: Path, **env: str) -> None:
     assert exit_info.value.code == 2
 
 
-def test_unreachable_tracking_server(project, caplog):
+def test_unreachable_tracking_server(project, caplog, monkeypatch):
+    """A server that is down, with MLflow's own retry settings at their defaults (7 retries, minutes)."""
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", SERVER_TIMEOUT_ENV):
+        monkeypatch.delenv(name, raising=False)
     uri = f"http://127.0.0.1:{closed_port()}"
     with caplog.at_level(logging.ERROR):
-        start_stage(project, MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
-                    MLFLOW_HTTP_REQUEST_TIMEOUT="5")
-    assert f"MLflow store {uri}: cannot start the build_manifest run" in caplog.text
-    assert "Connection refused" in caplog.text and "MLFLOW_TRACKING_URI" in caplog.text
+        start_stage(project, MLFLOW_TRACKING_URI=uri)
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert line.startswith(f"MLflow store {uri}: cannot reach the tracking server ([Errno 111] Connection refused)")
+    assert "MLFLOW_TRACKING_URI" in line and SERVER_TIMEOUT_ENV in line
+    assert_no_work(project)
+
+
+def test_silent_tracking_server_is_given_up_after_the_timeout(project, caplog):
+    """A server that accepts the connection but never answers (hung, or a wrong port) is waited for
+    JURASSIGLIP_TRACKING_TIMEOUT seconds, not MLflow's 120 s per request times its retries."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshakes; nobody reads the request
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with caplog.at_level(logging.ERROR):
+            start_stage(project, MLFLOW_TRACKING_URI=uri, **{SERVER_TIMEOUT_ENV: "1"})
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert line.startswith(f"MLflow store {uri}: the tracking server did not answer within 1 s; ")
+    assert_no_work(project)
+
+
+def test_bad_params_with_an_unreachable_server_say_both_at_once(project, caplog):
+    """The params error is reported, and recording it as a FAILED run gives up after one refused
+    request, not after MLflow's retries."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["lora"]["r"] = 0
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    uri = f"http://127.0.0.1:{closed_port()}"
+    with caplog.at_level(logging.WARNING):
+        start_stage(project, MLFLOW_TRACKING_URI=uri)
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(messages) == 2, messages
+    assert "lora.r = 0 must be > 0" in messages[0]
+    assert messages[1].startswith(f"build_manifest: could not record the failure in MLflow (TrackingError: MLflow "
+                                  f"store {uri}: cannot reach the tracking server ([Errno 111] Connection refused)")
+    assert_no_work(project)
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-3", "nan"])
+def test_a_bad_tracking_timeout_is_named(project, caplog, value):
+    with caplog.at_level(logging.ERROR):
+        start_stage(project, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{closed_port()}", **{SERVER_TIMEOUT_ENV: value})
+    assert f"{SERVER_TIMEOUT_ENV} = {value!r} must be a number of seconds > 0" in caplog.text
     assert_no_work(project)
 
 
@@ -125,7 +169,8 @@ def test_check_store_errors_name_the_file(tmp_path):
     with read_only(tmp_path):
         with pytest.raises(TrackingError, match=f"{tmp_path / 'x' / 'mlflow.db'} cannot be written"):
             check_store(f"sqlite:///{tmp_path / 'x' / 'mlflow.db'}")  # its folder cannot even be made
-    check_store("http://127.0.0.1:1")  # servers are checked by their first request, not here
+    with pytest.raises(TrackingError, match=r"http://127.0.0.1:1: cannot reach the tracking server \(\[Errno 111\]"):
+        check_store("http://127.0.0.1:1")  # a server: one request
 
 
 @pytest.mark.slow

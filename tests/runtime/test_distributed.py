@@ -204,8 +204,13 @@ def test_two_ranks_build_the_single_process_cache_and_a_mismatch_stops_a_rank(mi
     ranks = [json.loads((tmp_path / f"cache_rank{r}.json").read_text()) for r in (0, 1)]
 
     _, manifest, ids, mask, spec = load_setup(micro_data, params_path)
-    build_cache(perturbed_model(spec), manifest, ids, mask, cache_ids(manifest), tmp_path / "one",
-                batch_size=CACHE_BATCH, fingerprint="same")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's ranks (OMP_NUM_THREADS=1): a sum split over threads rounds otherwise
+    try:
+        build_cache(perturbed_model(spec), manifest, ids, mask, cache_ids(manifest), tmp_path / "one",
+                    batch_size=CACHE_BATCH, fingerprint="same")
+    finally:
+        torch.set_num_threads(threads)
     files = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert files == ["index.npz", "meta.json", "patches.npy", "text.npy", "text_mask.npy"]
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == files

@@ -103,7 +103,18 @@ def test_failing_stage_marked_failed(repo, params_dict):
     client = MlflowClient(tracking_uri())
     run = client.get_run(run_id)
     assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "RuntimeError: boom"  # what stopped it, on the run
     assert client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
+
+
+def test_interrupted_stage_marked_killed_without_an_error(repo, params_dict):
+    params = params_from_dict(params_dict)
+    with pytest.raises(KeyboardInterrupt):
+        with Tracker.open("evaluate", params, repo / "data" / "evaluate") as tracker:
+            run_id = tracker.run_id
+            raise KeyboardInterrupt
+    run = MlflowClient(tracking_uri()).get_run(run_id)
+    assert run.info.status == "KILLED" and "error" not in run.data.tags
 
 
 def test_artifacts_land_beside_the_store(repo, params_dict):

@@ -82,14 +82,16 @@ def test_trimmed_cache_gives_the_live_stage2_outputs(setup, tmp_path):
     assert from_cache["text"].shape == (len(batch_ids), expected_length, model.vision.hidden_size)
     assert torch.equal(from_cache["text_mask"], live["attention_mask"][:, :expected_length].bool())
     assert not live["attention_mask"][:, expected_length:].any()  # what was cut is padding only
+    assert torch.equal(from_cache["image"], live["image"])  # what an image-guided decoder reads, from the manifest
 
     with torch.no_grad():
         patches, _ = model.encode_image(live["image"])  # (B, N, D)
         tokens, token_mask, _ = model.encode_text(live["input_ids"], live["attention_mask"])  # (B, L, D), (B, L)
-        live_logits, live_nt = model.decode(patches, tokens, token_mask)  # (B, 1, S, S), (B,)
+        live_logits, live_nt = model.decode(patches, tokens, token_mask, live["image"])  # (B, 1, S, S), (B,)
         # the same fp16 features, untrimmed: only the trim differs, so the outputs agree to float32 rounding
-        full_logits, full_nt = model.decode(patches.half(), tokens.half(), token_mask)
-        logits, nt = model.decode(from_cache["patches"], from_cache["text"], from_cache["text_mask"])
+        full_logits, full_nt = model.decode(patches.half(), tokens.half(), token_mask, live["image"])
+        logits, nt = model.decode(from_cache["patches"], from_cache["text"], from_cache["text_mask"],
+                                  from_cache["image"])
     scale = float(live_logits.abs().max())
     assert float((logits - full_logits).abs().max()) <= 1e-5 * scale
     assert float((nt - full_nt).abs().max()) <= 1e-5 * max(float(full_nt.abs().max()), 1.0)
